@@ -1,0 +1,65 @@
+"""Shared fixtures: seeds, tiny synthetic images, temporary image folders."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(2)
+
+# Small and fast: a random-init ResNet-18 on 32 px crops.
+TINY = {"backbone": "resnet18", "weights": None, "image_size": 32, "random_state": 0}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def images(rng):
+    """Eight 40x48 RGB uint8 images."""
+    return rng.integers(0, 256, size=(8, 40, 48, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def image_files(tmp_path, images):
+    """The ``images`` fixture saved as PNG files; returns their paths."""
+    paths = []
+    for i, array in enumerate(images):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(array).save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture
+def image_folder(tmp_path, rng):
+    """root/<class>/<image>.png with two classes of six images that differ in brightness."""
+    root = tmp_path / "folder"
+    for label, low in (("bright", 150), ("dark", 0)):
+        (root / label).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(low, low + 100, size=(36, 36, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / label / f"{i}.png")
+    return root
+
+
+def foolbox_imagenet_files() -> list[Path]:
+    """The 20 labelled ImageNet JPEGs shipped in the foolbox wheel (class id in the name)."""
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
+    return sorted(folder.glob("imagenet_*.jpg"))
