@@ -139,6 +139,13 @@ class _Hooked(nn.Module):
         return {name: outputs[name] for name in self.layers}
 
 
+def _extractor(model: nn.Module, return_nodes) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "eval nodes are a subsequence..."
+        return create_feature_extractor(model, return_nodes=return_nodes,
+                                        tracer_kwargs=_TRACER_KWARGS)
+
+
 def truncate(model: nn.Module, layers: list[str]) -> nn.Module:
     """A module mapping images to ``{layer: output}``, cut after the last layer needed.
 
@@ -150,11 +157,8 @@ def truncate(model: nn.Module, layers: list[str]) -> nn.Module:
     if layers == [PRE_LOGITS]:
         classifier = _last_linear_name(model)
         if classifier is None and hasattr(model, "features"):
-            return create_feature_extractor(model, return_nodes={"features": PRE_LOGITS},
-                                            tracer_kwargs=_TRACER_KWARGS)
+            return _extractor(model, {"features": PRE_LOGITS})
         return _PreLogits(model, classifier)
-    names, traceable = layer_names(model)
-    if traceable:
-        return create_feature_extractor(model, return_nodes=list(layers),
-                                        tracer_kwargs=_TRACER_KWARGS)
+    if layer_names(model)[1]:
+        return _extractor(model, list(layers))
     return _Hooked(model, list(layers))

