@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict
 from numbers import Integral, Real
@@ -19,7 +21,7 @@ from tqdm.auto import tqdm
 
 from skt._sklearn import Interval, StrOptions, _fit_context
 from skt._version import __version__
-from skt.backbones import check_layers, resolve_backbone
+from skt.backbones import Backbone, check_layers, layer_names, resolve_backbone
 from skt.cache import FORMAT_VERSION, open_cache
 from skt.extract import (
     TorchEngine,
@@ -33,6 +35,49 @@ from skt.images import as_image_list, fingerprint
 from skt.pooling import POOLINGS, feature_names, pool
 
 __all__ = ["FeatureExtractor"]
+
+
+class _Recent:
+    """A small least-recently-used map, safe to share between threads."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key, make):
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        value = make()
+        with self.lock:
+            self.items[key] = value
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+        return value
+
+
+_BACKBONES = _Recent(2)  # resolved networks, shared read-only by fitted extractors
+_RUNTIMES = _Recent(4)  # truncated networks ready to run, per layer/pooling/device
+
+
+def _frozen(value):
+    return tuple(np.ravel(value).tolist()) if value is not None else None
+
+
+def _backbone_key(params: dict) -> tuple | None:
+    """Identity of a resolution that gives the same weights every time, else None."""
+    backbone, weights, seed = params["backbone"], params["weights"], params["random_state"]
+    if not isinstance(backbone, str):
+        return None
+    if weights is None and not isinstance(seed, Integral):
+        return None  # fresh random weights on every fit
+    if isinstance(weights, str | os.PathLike) and os.path.isfile(weights):
+        stat = os.stat(weights)
+        weights = (os.fspath(weights), stat.st_size, stat.st_mtime_ns)
+    return (backbone, str(weights), seed if weights is None else None, params["image_size"],
+            _frozen(params["mean"]), _frozen(params["std"]))
 
 
 class FeatureExtractor(TransformerMixin, BaseEstimator):
@@ -178,14 +223,12 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         """
         as_image_list(X)
         resolve_device(self.device)  # fail now, not mid-transform, on a missing device
-        backbone = resolve_backbone(self.backbone, self.weights, image_size=self.image_size,
-                                    mean=self.mean, std=self.std, random_state=self.random_state)
-        self.layers_ = check_layers(backbone.model, self.layers)
+        backbone, self._fingerprint, valid_layers = self._resolve()
+        self.layers_ = check_layers(backbone.model, self.layers, valid_layers)
         self.model_ = backbone.model
         self.weights_ = backbone.weights
         self.preprocessing_ = backbone.preprocessing
         self._rebuildable = backbone.rebuildable
-        self._fingerprint = fingerprint_module(backbone.model)
         self._runtime = None
         runtime = self._get_runtime()
         self._layout = runtime["layout"]
@@ -193,15 +236,29 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.engine_ = runtime["engine"].name
         return self
 
+    def _resolve(self) -> tuple[Backbone, str, list[str]]:
+        """The backbone, its weights' hash and layer names, reused across identical fits.
+
+        GridSearchCV fits clones with the same backbone dozens of times; the
+        network is only read (transform runs a truncated copy), so fits with
+        the same settings share one resolved instance.
+        """
+        def make():
+            backbone = resolve_backbone(self.backbone, self.weights, image_size=self.image_size,
+                                        mean=self.mean, std=self.std,
+                                        random_state=self.random_state)
+            return backbone, fingerprint_module(backbone.model), layer_names(backbone.model)[0]
+
+        key = _backbone_key(self.get_params())
+        return make() if key is None else _BACKBONES.get(key, make)
+
     def _names(self, layer) -> list[str]:
         return feature_names(layer.name, layer.kind, self.pooling, layer.width)
 
     def _get_model(self) -> nn.Module:
         if self.model_ is None:  # unpickled without weights: rebuild them by name
-            backbone = resolve_backbone(self.backbone, self.weights, image_size=self.image_size,
-                                        mean=self.mean, std=self.std,
-                                        random_state=self.random_state)
-            if fingerprint_module(backbone.model) != self._fingerprint:
+            backbone, fingerprint, _ = self._resolve()
+            if fingerprint != self._fingerprint:
                 raise RuntimeError(
                     f"The weights {self.weights_} rebuilt on this machine differ from those "
                     "this extractor was fitted with; refit it."
@@ -212,13 +269,18 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     def _get_runtime(self) -> dict:
         """The feature model and engine for this process (rebuilt after unpickling)."""
         if self._runtime is None:
-            feature_model, layout = build_feature_model(
-                copy.deepcopy(self._get_model()), self.preprocessing_.crop_size,
-                self.layers_, self.pooling,
-            )
             device = resolve_device(self.device, fallback=True)
-            self._runtime = {"layout": layout,
-                             "engine": TorchEngine(feature_model, device, self.dtype)}
+
+            def make():
+                feature_model, layout = build_feature_model(
+                    copy.deepcopy(self._get_model()), self.preprocessing_.crop_size,
+                    self.layers_, self.pooling,
+                )
+                return {"layout": layout, "engine": TorchEngine(feature_model, device, self.dtype)}
+
+            key = (self._fingerprint, tuple(self.layers_), self.pooling,
+                   self.preprocessing_.crop_size, str(device), self.dtype)
+            self._runtime = _RUNTIMES.get(key, make)
         return self._runtime
 
     def transform(self, X):

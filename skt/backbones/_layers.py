@@ -75,8 +75,12 @@ def list_layers(backbone: str | nn.Module) -> list[str]:
     return layer_names(model)[0]
 
 
-def check_layers(model: nn.Module, layers: str | Sequence[str] | None) -> list[str]:
-    """Normalise ``layers`` to a list and reject unknown names, listing close ones."""
+def check_layers(model: nn.Module, layers: str | Sequence[str] | None,
+                 valid: list[str] | None = None) -> list[str]:
+    """Normalise ``layers`` to a list and reject unknown names, listing close ones.
+
+    ``valid`` are the model's layer names when already known.
+    """
     if layers is None:
         return [PRE_LOGITS]
     requested = [layers] if isinstance(layers, str) else list(layers)
@@ -87,7 +91,7 @@ def check_layers(model: nn.Module, layers: str | Sequence[str] | None) -> list[s
     if PRE_LOGITS in requested and len(requested) > 1:
         raise ValueError(f"{PRE_LOGITS!r} (the default layer) cannot be combined with other "
                          "layers; name the node that feeds the classifier instead.")
-    valid = layer_names(model)[0]
+    valid = layer_names(model)[0] if valid is None else valid
     for name in requested:
         if name not in valid and name != PRE_LOGITS:
             close = difflib.get_close_matches(name, valid, n=6, cutoff=0.6)

@@ -1,0 +1,240 @@
+"""The feature cache: one forward pass per image, across fits, folds and processes."""
+
+import collections
+import os
+import subprocess
+import sys
+import textwrap
+
+import joblib
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import Pipeline, make_pipeline
+
+from skt import FeatureExtractor, cache_info, clear_cache
+from skt.extract import TorchEngine
+
+from .conftest import TINY
+
+
+class ForwardCounter:
+    """Counts, per distinct preprocessed image, how often it went through the network."""
+
+    def __init__(self, monkeypatch):
+        self.seen = collections.Counter()
+        original = TorchEngine.__call__
+
+        def counting(engine, batch):
+            for row in batch:
+                self.seen[hash(row.numpy().tobytes())] += 1
+            return original(engine, batch)
+
+        monkeypatch.setattr(TorchEngine, "__call__", counting)
+
+    @property
+    def total(self):
+        return sum(self.seen.values())
+
+    def reset(self):
+        self.seen.clear()
+
+
+@pytest.fixture
+def counter(monkeypatch):
+    return ForwardCounter(monkeypatch)
+
+
+@pytest.fixture
+def labelled(rng):
+    """30 distinct 32 px images, two classes by brightness."""
+    X = rng.integers(0, 128, size=(30, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(30) % 2
+    X[y == 1] += 100
+    return X, y
+
+
+def _search(cache, **params):
+    pipe = make_pipeline(FeatureExtractor(**{**TINY, **params}, cache=cache),
+                         LogisticRegression(max_iter=500))
+    grid = {"logisticregression__C": [0.01, 0.1, 1, 10, 100, 1000]}
+    return GridSearchCV(pipe, grid, cv=5)
+
+
+def test_grid_search_runs_each_image_through_the_backbone_once(labelled, counter, tmp_path):
+    X, y = labelled
+    first = _search(tmp_path).fit(X, y)
+    assert len(counter.seen) == 30 and set(counter.seen.values()) == {1}
+
+    counter.reset()
+    second = _search(tmp_path).fit(X, y)
+    assert counter.total == 0
+    np.testing.assert_array_equal(first.cv_results_["mean_test_score"],
+                                  second.cv_results_["mean_test_score"])
+
+    for changed in ({"random_state": 1}, {"image_size": 40}, {"mean": 0.5}):
+        counter.reset()
+        _search(tmp_path, **changed).fit(X, y)
+        assert counter.total == 30, changed
+
+
+def test_cached_features_equal_uncached(labelled, tmp_path):
+    X, _ = labelled
+    plain = FeatureExtractor(**TINY, layers="layer3").fit(X).transform(X)
+    cached = FeatureExtractor(**TINY, layers="layer3", cache=tmp_path).fit(X)
+    np.testing.assert_array_equal(cached.transform(X), plain)  # cold
+    np.testing.assert_array_equal(cached.transform(X), plain)  # warm
+
+
+def test_pooling_and_layer_subsets_need_no_forward_pass(labelled, counter, tmp_path):
+    X, _ = labelled
+    extractor = FeatureExtractor(**TINY, layers=["layer2", "layer3", "layer4"], cache=tmp_path)
+    extractor.fit(X).transform(X)
+    assert counter.total == 30
+    counter.reset()
+    variants = ({"pooling": "max"}, {"pooling": "gem"}, {"pooling": "avgmax"},
+                {"layers": "layer3"}, {"layers": ["layer4", "layer2"], "pooling": "max"})
+    cached = []
+    for params in variants:
+        features = extractor.set_params(**params).fit(X).transform(X)
+        cached.append((extractor.get_params(), features))
+    assert counter.total == 0
+    for params, features in cached:
+        reference = FeatureExtractor(**{**params, "cache": None}).fit(X).transform(X)
+        np.testing.assert_allclose(features, reference, rtol=1e-6, atol=1e-7)
+    counter.reset()
+    extractor.set_params(layers="layer3", pooling="flatten").fit(X).transform(X)
+    assert counter.total == 30  # the whole map is stored separately
+
+
+def test_same_file_content_under_another_name_hits(image_files, counter, tmp_path):
+    extractor = FeatureExtractor(**TINY, cache=tmp_path / "cache").fit(image_files)
+    extractor.transform(image_files)
+    copy = tmp_path / "renamed.png"
+    copy.write_bytes(open(image_files[0], "rb").read())
+    counter.reset()
+    extractor.transform([str(copy)])
+    assert counter.total == 0
+
+
+def test_changed_user_module_weights_miss(images, counter, tmp_path):
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                 torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    FeatureExtractor(module, image_size=32, cache=tmp_path).fit(images).transform(images)
+    with torch.no_grad():
+        module[0].weight.add_(1)
+    counter.reset()
+    FeatureExtractor(module, image_size=32, cache=tmp_path).fit(images).transform(images)
+    assert counter.total == 8
+
+
+def test_damaged_entry_is_discarded_and_recomputed(images, counter, tmp_path):
+    extractor = FeatureExtractor(**TINY, cache=tmp_path).fit(images)
+    clean = extractor.transform(images)
+    entries = sorted(p for p in (tmp_path / "skt-features").rglob("*")
+                     if p.is_file() and not p.name.startswith(".") and p.name != "config.json")
+    assert len(entries) == 8
+    entries[3].write_bytes(entries[3].read_bytes()[:50])  # truncated
+    counter.reset()
+    with pytest.warns(RuntimeWarning, match="Discarding damaged feature-cache entry"):
+        again = extractor.transform(images)
+    assert counter.total == 1
+    np.testing.assert_allclose(again, clean, rtol=1e-5, atol=1e-6)  # batch of 1, not 8
+
+
+KILLED_WRITER = """
+import os, signal, numpy as np
+from skt import FeatureExtractor
+from skt.cache import FeatureCache
+writes = []
+original = FeatureCache._atomic_write
+def dying_write(path, data):
+    if path.name != "config.json":
+        writes.append(path)
+        if len(writes) == 5:  # half of the fifth entry reaches the disk, then the process dies
+            temporary = path.with_name("." + path.name + ".tmp")
+            temporary.write_bytes(data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+    original(path, data)
+FeatureCache._atomic_write = staticmethod(dying_write)
+X = np.load({X!r})
+FeatureExtractor(backbone="resnet18", weights=None, image_size=32, random_state=0,
+                 batch_size=4, cache={cache!r}).fit(X).transform(X)
+"""
+
+
+def test_worker_killed_mid_write_leaves_no_corrupt_entry(images, counter, tmp_path):
+    np.save(tmp_path / "X.npy", images)
+    cache = tmp_path / "cache"
+    script = KILLED_WRITER.format(X=str(tmp_path / "X.npy"), cache=str(cache))
+    result = subprocess.run([sys.executable, "-c", script])
+    assert result.returncode == -9
+    assert cache_info(cache)["entries"] == 4
+    counter.reset()
+    features = FeatureExtractor(**TINY, batch_size=4, cache=cache).fit(images).transform(images)
+    assert counter.total == 4
+    np.testing.assert_allclose(features, FeatureExtractor(**TINY).fit(images).transform(images),
+                               rtol=1e-5, atol=1e-6)
+
+
+CONCURRENT_WORKER = """
+import numpy as np
+from skt import FeatureExtractor
+from skt.extract import TorchEngine
+count = 0
+original = TorchEngine.__call__
+def counting(engine, batch):
+    global count
+    count += len(batch)
+    return original(engine, batch)
+TorchEngine.__call__ = counting
+X = np.load({X!r})
+FeatureExtractor(backbone="resnet18", weights=None, image_size=32, random_state=0,
+                 batch_size=2, cache={cache!r}).fit(X).transform(X)
+print(count)
+"""
+
+
+def test_two_processes_share_the_work(images, tmp_path):
+    np.save(tmp_path / "X.npy", images)
+    script = CONCURRENT_WORKER.format(X=str(tmp_path / "X.npy"), cache=str(tmp_path / "c"))
+    workers = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                text=True) for _ in range(2)]
+    counts = [int(worker.communicate()[0]) for worker in workers]
+    assert sum(counts) == 8 and sorted(counts)[0] == 0
+
+
+def test_joblib_memory_and_pipeline_memory(labelled, counter, tmp_path):
+    X, y = labelled
+    memory = joblib.Memory(tmp_path / "joblib", verbose=0)
+    FeatureExtractor(**TINY, cache=memory).fit(X).transform(X)
+    assert cache_info(tmp_path / "joblib")["entries"] == 30
+
+    counter.reset()
+    steps = [("features", FeatureExtractor(**TINY)), ("head", LogisticRegression())]
+    first = Pipeline(steps, memory=str(tmp_path / "pipe")).fit(X, y)
+    assert counter.total == 30
+    second = Pipeline(steps, memory=str(tmp_path / "pipe")).fit(X, y)
+    assert counter.total == 30  # the fitted extractor and its output came from the memory
+    np.testing.assert_array_equal(first.predict_proba(X), second.predict_proba(X))
+
+
+def test_cache_info_and_clear(labelled, tmp_path):
+    X, _ = labelled
+    FeatureExtractor(**TINY, layers=["layer2", "layer3"], cache=tmp_path).fit(X).transform(X)
+    info = cache_info(tmp_path)
+    assert info["entries"] == 60 and len(info["configs"]) == 1
+    description = info["configs"][0]["description"]
+    assert description["backbone"] == "resnet18" and description["preprocessing"]["crop_size"] == 32
+    # Each entry holds 3 summaries per channel (mean, max, GeM) of float32 plus a header.
+    assert info["bytes"] > 30 * 3 * (128 + 256) * 4
+
+    half = info["bytes"] // 2
+    freed = clear_cache(tmp_path, max_bytes=half)
+    assert cache_info(tmp_path)["bytes"] <= half and freed >= info["bytes"] - half
+    assert clear_cache(tmp_path) > 0
+    assert cache_info(tmp_path)["entries"] == 0
+    assert not any(p.is_file() for p in (tmp_path / "skt-features").rglob("*")
+                   ) if os.path.exists(tmp_path / "skt-features") else True
