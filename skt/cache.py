@@ -162,8 +162,9 @@ def cache_info(location: str | os.PathLike) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``{"path", "entries", "bytes", "configs": [{"key", "entries", "bytes",
-        "description"}, ...]}``, configurations largest first.
+        ``{"path", "entries", "graphs", "bytes", "configs": [{"key", "entries",
+        "graphs", "bytes", "description"}, ...]}``: feature entries, exported ONNX
+        graphs and bytes on disk (both kinds), configurations largest first.
 
     Examples
     --------
@@ -177,14 +178,17 @@ def cache_info(location: str | os.PathLike) -> dict[str, Any]:
     if root.is_dir():
         for folder in sorted(p for p in root.iterdir() if p.is_dir()):
             files = [e for e in _entries(folder) if e.name != "config.json"]
+            graphs = [e for e in files if e.name.endswith(".onnx")]
             description_file = folder / "config.json"
             description = (json.loads(description_file.read_text())
                            if description_file.exists() else {})
-            configs.append({"key": folder.name, "entries": len(files),
+            configs.append({"key": folder.name, "entries": len(files) - len(graphs),
+                            "graphs": len(graphs),
                             "bytes": sum(e.stat().st_size for e in files),
                             "description": description})
     configs.sort(key=lambda c: c["bytes"], reverse=True)
     return {"path": str(Path(location)), "entries": sum(c["entries"] for c in configs),
+            "graphs": sum(c["graphs"] for c in configs),
             "bytes": sum(c["bytes"] for c in configs), "configs": configs}
 
 
@@ -208,8 +212,8 @@ def clear_cache(location: str | os.PathLike, max_bytes: int | None = None) -> in
         freed = sum(e.stat().st_size for e in _entries(root) if e.name != "config.json")
         shutil.rmtree(root)
         return freed
-    files = [e for e in _entries(root) if e.name not in ("config.json", ".lock")]
-    stats = sorted(((e.stat().st_mtime, e.stat().st_size, e.path) for e in files))
+    files = [e for e in _entries(root) if e.name != "config.json"]
+    stats = sorted((e.stat().st_mtime, e.stat().st_size, e.path) for e in files)
     total = sum(size for _, size, _ in stats)
     freed = 0
     for _, size, path in stats:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,11 +22,14 @@ from skt.pooling import summarize, summary_kind
 __all__ = [
     "FeatureModel",
     "LayerLayout",
+    "OnnxEngine",
     "TorchEngine",
     "build_feature_model",
     "default_num_workers",
     "fingerprint_module",
     "iter_batches",
+    "make_engine",
+    "onnx_available",
     "resolve_device",
 ]
 
@@ -150,6 +156,122 @@ class TorchEngine:
                                 enabled=self.dtype is not None):
                 outputs = self.model(x)
         return [out.float().cpu().numpy() for out in outputs]
+
+
+class OnnxEngine:
+    """Runs a :class:`FeatureModel` exported to ONNX, in ONNX Runtime on the CPU.
+
+    The truncated network and the pooling summaries are exported once per
+    configuration (``torch.onnx.export``, dynamo exporter, fixed image size,
+    dynamic batch), checked against the eager model, and run with all graph
+    optimisations. ONNX Runtime fuses the depthwise convolutions of
+    MobileNet/EfficientNet-style networks far better than eager PyTorch.
+
+    Parameters
+    ----------
+    model : FeatureModel
+        In eval mode, on the CPU.
+    size : int
+        Image size the graph is exported for.
+    path : Path, optional
+        Where to keep the ``.onnx`` file (a feature cache folder) so that later
+        processes skip the export; None keeps it in memory only.
+    threads : int, optional
+        ONNX Runtime intra-op threads; default ``torch.get_num_threads()``, so
+        ``torch.set_num_threads`` controls both engines.
+
+    Raises
+    ------
+    RuntimeError
+        When the export fails or its outputs differ from the eager model.
+    """
+
+    name = "onnx"
+
+    def __init__(self, model: FeatureModel, size: int, path: Path | None = None,
+                 threads: int | None = None) -> None:
+        import onnxruntime
+
+        if path is not None and path.is_file():
+            graph = path.read_bytes()
+        else:
+            graph = _export_onnx(model, size)
+            if path is not None:
+                _write_atomically(path, graph)
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        # Decoding workers share the cores: spinning threads would steal their time.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        self.session = onnxruntime.InferenceSession(graph, options,
+                                                    providers=["CPUExecutionProvider"])
+        self._check(model, size)
+
+    def __call__(self, batch: torch.Tensor) -> list[np.ndarray]:
+        x = np.ascontiguousarray(batch.numpy(), dtype=np.float32)
+        return self.session.run(None, {"x": x})
+
+    def _check(self, model: FeatureModel, size: int) -> None:
+        probe = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            expected = [out.numpy() for out in model(probe)]
+        for want, got in zip(expected, self(probe), strict=True):
+            scale = max(1.0, float(np.abs(want).max()))
+            if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3,
+                                                          atol=1e-4 * scale):
+                raise RuntimeError("the exported graph's outputs differ from the eager model's")
+
+
+def _export_onnx(model: FeatureModel, size: int) -> bytes:
+    example = torch.zeros(2, 3, size, size)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model.eval(), (example,), dynamo=True, verbose=False,
+                                    input_names=["x"], dynamic_shapes={"x": {0: "batch"}},
+                                    external_data=False)
+    return program.model_proto.SerializeToString()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def onnx_available() -> bool:
+    """Whether ONNX Runtime and the exporter's dependencies import."""
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_engine(model: FeatureModel, engine: str, device: torch.device, size: int,
+                dtype: str | None = None, onnx_path: Path | None = None):
+    """The engine for ``engine`` ("auto", "torch" or "onnx") on ``device``.
+
+    "auto" is ONNX Runtime on the CPU when it is installed, torch otherwise
+    (CUDA and MPS always use torch). A failed export falls back to torch with
+    one warning naming the reason.
+    """
+    if engine == "onnx" and not onnx_available():
+        raise ImportError("engine='onnx' needs ONNX Runtime: pip install 'skt[onnx]'.")
+    if engine == "onnx" and device.type != "cpu":
+        raise ValueError(f"engine='onnx' runs on the CPU only; device is {device}. Use "
+                         "engine='auto' or 'torch'.")
+    if engine == "torch" or device.type != "cpu" or not onnx_available():
+        return TorchEngine(model, device, dtype)
+    try:
+        return OnnxEngine(model, size, onnx_path)
+    except Exception as exc:  # the exporter raises many types; any failure means torch
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        warnings.warn(f"ONNX export failed ({reason}); using the torch engine.",
+                      RuntimeWarning, stacklevel=3)
+        return TorchEngine(model, device, dtype)
 
 
 def iter_batches(images: Sequence, config: Preprocessing, batch_size: int,

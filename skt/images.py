@@ -124,10 +124,10 @@ def as_image_list(X: Any) -> Sequence:
     >>> from skt.images import as_image_list
     >>> len(as_image_list(np.zeros((5, 32, 32, 3), dtype=np.uint8)))
     5
-    >>> as_image_list(np.zeros((2, 8, 8), dtype=np.int64))
+    >>> as_image_list(np.zeros((2, 8, 8), dtype=np.int64))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    TypeError: X: pixel dtype int64 is not supported. Use uint8 (0-255), uint16 (0-65535) or floats in [0, 1], e.g. X.astype(np.uint8) or X / 255.0.
+    TypeError: X: pixel dtype int64 is not supported. Use uint8 (0-255), uint16 (0-65535) ...
     """
     if hasattr(X, "iloc"):  # pandas: a Series, or a DataFrame of one column
         if getattr(X, "ndim", 1) == 2:

@@ -9,6 +9,15 @@ only ``"flatten"`` needs the whole map and stores it.
 
 Outputs that are already vectors ``(N, D)`` pass through unchanged, whatever
 the pooling. Token outputs ``(N, L, D)`` (vision transformers) pool over ``L``.
+
+Examples
+--------
+>>> import torch
+>>> from skt.pooling import pool, summarize
+>>> maps = torch.arange(8.0).reshape(1, 2, 2, 2)  # two channels of 2x2
+>>> summary = summarize(maps, "avg").numpy()  # mean, max, mean of cubes per channel
+>>> pool(summary, "stats", "avg").tolist(), pool(summary, "stats", "max").tolist()
+([[1.5, 5.5]], [[3.0, 7.0]])
 """
 
 from __future__ import annotations

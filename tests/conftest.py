@@ -13,12 +13,12 @@ from PIL import Image
 torch.set_num_threads(2)
 
 # Small and fast: a random-init ResNet-18 on 32 px crops.
-TINY = {"backbone": "resnet18", "weights": None, "image_size": 32, "random_state": 0}
+TINY = {"backbone": "resnet18", "weights": None, "image_size": 32, "random_state": 0,
+        "engine": "torch"}
 
 
 @pytest.fixture(autouse=True)
 def _seed():
-    np.random.seed(0)
     torch.manual_seed(0)
 
 

@@ -4,7 +4,6 @@ import collections
 import os
 import subprocess
 import sys
-import textwrap
 
 import joblib
 import numpy as np
@@ -122,11 +121,13 @@ def test_same_file_content_under_another_name_hits(image_files, counter, tmp_pat
 def test_changed_user_module_weights_miss(images, counter, tmp_path):
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
                                  torch.nn.Flatten(), torch.nn.Linear(4, 2))
-    FeatureExtractor(module, image_size=32, cache=tmp_path).fit(images).transform(images)
+    FeatureExtractor(module, image_size=32, engine="torch", cache=tmp_path).fit(images).transform(
+        images)
     with torch.no_grad():
         module[0].weight.add_(1)
     counter.reset()
-    FeatureExtractor(module, image_size=32, cache=tmp_path).fit(images).transform(images)
+    FeatureExtractor(module, image_size=32, engine="torch", cache=tmp_path).fit(images).transform(
+        images)
     assert counter.total == 8
 
 
@@ -160,7 +161,7 @@ def dying_write(path, data):
     original(path, data)
 FeatureCache._atomic_write = staticmethod(dying_write)
 X = np.load({X!r})
-FeatureExtractor(backbone="resnet18", weights=None, image_size=32, random_state=0,
+FeatureExtractor(backbone="resnet18", weights=None, image_size=32, random_state=0, engine="torch",
                  batch_size=4, cache={cache!r}).fit(X).transform(X)
 """
 
@@ -191,7 +192,7 @@ def counting(engine, batch):
     return original(engine, batch)
 TorchEngine.__call__ = counting
 X = np.load({X!r})
-FeatureExtractor(backbone="resnet18", weights=None, image_size=32, random_state=0,
+FeatureExtractor(backbone="resnet18", weights=None, image_size=32, random_state=0, engine="torch",
                  batch_size=2, cache={cache!r}).fit(X).transform(X)
 print(count)
 """

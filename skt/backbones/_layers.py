@@ -69,7 +69,7 @@ def list_layers(backbone: str | nn.Module) -> list[str]:
     --------
     >>> from skt import list_layers
     >>> [name for name in list_layers("resnet18") if name.startswith("layer")][-3:]
-    ['layer4.1.add', 'layer4.1.relu_1', 'layer4']
+    ['layer4.1.relu_1', 'layer4.1', 'layer4']
     """
     model = resolve_backbone(backbone, weights=None).model
     return layer_names(model)[0]

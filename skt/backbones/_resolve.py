@@ -283,9 +283,10 @@ def resolve_backbone(
 
     if weights is None:
         model, label = _random_init(name, random_state), None
-        rebuildable = random_state is not None and isinstance(random_state, int)
+        rebuildable = isinstance(random_state, int)
     elif _is_path(weights):
-        model, label, rebuildable = _build_from_file(name, weights), f"path:{os.fspath(weights)}", False
+        model, label = _build_from_file(name, weights), f"path:{os.fspath(weights)}"
+        rebuildable = False
     elif name in LITE_VARIANTS:
         if str(weights).rsplit(".", 1)[-1] not in ("DEFAULT", "IMAGENET1K_V1"):
             raise ValueError(f"Unknown weights {weights!r} for backbone {name!r}. Valid: "

@@ -180,7 +180,7 @@ class EfficientNetLite(nn.Module):
         settings = []
         for i, stage in enumerate(_STAGES):
             first_or_last = i in (0, len(_STAGES) - 1)  # Lite fixes their depth
-            repeats = stage.repeats if first_or_last else int(math.ceil(depth * stage.repeats))
+            repeats = stage.repeats if first_or_last else math.ceil(depth * stage.repeats)
             channels_in = _round_channels(stage.channels_in, width) if i else 32
             channels_out = _round_channels(stage.channels_out, width)
             for r in range(repeats):

@@ -1,0 +1,5 @@
+import sys
+
+from skt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,24 @@
+"""The Examples sections of public docstrings run as written."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "skt.images",
+    "skt.extractor",
+    "skt.cache",
+    "skt.pooling",
+    "skt.backbones._resolve",
+    "skt.backbones._layers",
+    "skt.backbones.efficientnet_lite",
+    "skt.datasets",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
