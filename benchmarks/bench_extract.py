@@ -1,0 +1,179 @@
+"""Extraction throughput from JPEG files: a naive PyTorch loop against skt's engines.
+
+For each backbone, in one run and on the same files:
+
+(a) naive   decode, transform, forward one after another in one thread
+            (torchvision transforms, NCHW, ``torch.no_grad``);
+(b) torch   skt ``engine="torch"``: channels-last, ``inference_mode``,
+            decoding in DataLoader workers, JPEG draft decoding;
+(c) onnx    skt ``engine="onnx"``: the same pipeline on ONNX Runtime;
+(d) ceiling the faster engine's forward pass alone on pre-made tensors;
+
+plus the decode-only rate of skt's input pipeline, and the peak RSS of
+``transform_into`` a ``.npy`` memmap for 1,000 and 10,000 images (in fresh
+processes). ResNet-18 and MobileNet-V3 use random weights (their activations
+are then tiny, which does not change their speed here); EfficientNet-Lite0
+uses its real ImageNet weights.
+
+Usage::
+
+    python benchmarks/bench_extract.py [--images 320] [--backbones resnet18,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+from skt import FeatureExtractor
+from skt.backbones import resolve_backbone
+from skt.extract import default_num_workers, iter_batches
+from skt.images import as_image_list
+
+WEIGHTS = {"resnet18": None, "mobilenet_v3_large": None, "efficientnet_lite0": "DEFAULT"}
+
+
+def make_photos(folder: Path, count: int, size=(500, 375)) -> list[str]:
+    """Photo-like JPEGs: random crops of scikit-image's sample photos, resized."""
+    from skimage import data
+
+    sources = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(),
+               data.immunohistochemistry(), data.hubble_deep_field()]
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        photo = sources[i % len(sources)]
+        h, w = photo.shape[:2]
+        ch, cw = int(h * rng.uniform(0.6, 1)), int(w * rng.uniform(0.6, 1))
+        top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        crop = Image.fromarray(photo[top:top + ch, left:left + cw]).resize(size)
+        path = folder / f"photo{i:05d}.jpg"
+        crop.save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+def timed(function, count: int) -> float:
+    start = time.perf_counter()
+    function()
+    return count / (time.perf_counter() - start)
+
+
+def naive_loop(name: str, paths: list[str], batch_size: int) -> float:
+    backbone = resolve_backbone(name, WEIGHTS[name])
+    model = backbone.model.eval()
+    config = backbone.preprocessing
+    transform = T.Compose([
+        T.Resize(config.resize_size, interpolation=T.InterpolationMode(config.interpolation)),
+        T.CenterCrop(config.crop_size), T.ToTensor(), T.Normalize(config.mean, config.std)])
+
+    def run():
+        with torch.no_grad():
+            for start in range(0, len(paths), batch_size):
+                batch = torch.stack([transform(Image.open(p).convert("RGB"))
+                                     for p in paths[start:start + batch_size]])
+                model(batch)
+
+    return timed(run, len(paths))
+
+
+def skt_rate(name: str, engine: str, paths: list[str], batch_size: int) -> tuple[float, object]:
+    extractor = FeatureExtractor(name, weights=WEIGHTS[name], engine=engine,
+                                 batch_size=batch_size).fit(paths[:1])
+    extractor.transform(paths[:batch_size])  # warm-up
+    return timed(lambda: extractor.transform(paths), len(paths)), extractor
+
+
+def ceiling(extractor, size: int, batch_size: int, batches: int = 6) -> float:
+    engine = extractor._get_runtime()["engine"]
+    x = torch.randn(batch_size, 3, size, size)
+    engine(x)
+    return timed(lambda: [engine(x) for _ in range(batches)], batch_size * batches)
+
+
+def decode_rate(paths: list[str], batch_size: int) -> float:
+    config = resolve_backbone("resnet18", None).preprocessing
+    images = as_image_list(paths)
+    return timed(lambda: list(iter_batches(images, config, batch_size,
+                                           default_num_workers())), len(paths))
+
+
+RSS_SCRIPT = """
+import resource, sys, numpy as np
+from skt import FeatureExtractor
+paths = open(sys.argv[1]).read().split()
+n = int(sys.argv[2])
+paths = [paths[i % len(paths)] for i in range(n)]
+extractor = FeatureExtractor("mobilenet_v3_small", weights=None, image_size=64, random_state=0,
+                             batch_size=64).fit(paths[:1])
+out = np.lib.format.open_memmap(sys.argv[3], mode="w+", dtype=np.float32,
+                                shape=(n, extractor.n_features_out_))
+extractor.transform_into(paths, out)
+# VmHWM, unlike ru_maxrss, starts afresh at exec rather than carrying the parent's peak.
+status = open("/proc/self/status").read().split("VmHWM:")[1]
+print(int(status.split()[0]))
+"""
+
+
+def peak_rss(paths: list[str], count: int, folder: Path) -> float:
+    listing = folder / "paths.txt"
+    listing.write_text("\n".join(paths))
+    result = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(listing), str(count),
+                             str(folder / f"features{count}.npy")],
+                            capture_output=True, text=True, check=True)
+    return int(result.stdout.split()[-1]) / 1024  # kB -> MiB
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=320)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--backbones", default="resnet18,mobilenet_v3_large,efficientnet_lite0")
+    parser.add_argument("--skip-rss", action="store_true")
+    args = parser.parse_args(argv)
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__} with {torch.get_num_threads()} threads, CPU, "
+          f"{default_num_workers()} decoding workers, batch {args.batch_size}, 224 px")
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        paths = make_photos(folder, args.images)
+        print(f"{len(paths)} JPEG files of 500x375 px; skt decode+resize+normalise only: "
+              f"{decode_rate(paths, args.batch_size):.0f} img/s")
+        header = (f"{'backbone':22s} {'weights':8s} {'naive':>7s} {'torch':>7s} {'onnx':>7s} "
+                  f"{'ceiling':>8s} {'default/naive':>14s} {'default/ceiling':>16s}")
+        print(header)
+        for name in args.backbones.split(","):
+            naive = naive_loop(name, paths, args.batch_size)
+            torch_rate, _ = skt_rate(name, "torch", paths, args.batch_size)
+            onnx_rate, onnx_extractor = skt_rate(name, "onnx", paths, args.batch_size)
+            default = FeatureExtractor(name, weights=WEIGHTS[name]).fit(paths[:1]).engine_
+            default_rate = onnx_rate if default == "onnx" else torch_rate
+            top = ceiling(onnx_extractor, 224, args.batch_size)
+            weights = "real" if WEIGHTS[name] else "random"
+            print(f"{name:22s} {weights:8s} {naive:7.1f} {torch_rate:7.1f} {onnx_rate:7.1f} "
+                  f"{top:8.1f} {default_rate / naive:13.2f}x {default_rate / top:15.2f}x",
+                  flush=True)
+        if not args.skip_rss:
+            small, large = peak_rss(paths, 1000, folder), peak_rss(paths, 10000, folder)
+            print(f"peak RSS, transform_into a .npy memmap (mobilenet_v3_small, 64 px): "
+                  f"1,000 images {small:.0f} MiB, 10,000 images {large:.0f} MiB "
+                  f"(ratio {large / small:.3f})")
+    print(f"benchmark process peak RSS: "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
