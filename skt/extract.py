@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import io
 import os
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -223,6 +224,12 @@ class OnnxEngine:
                 raise RuntimeError("the exported graph's outputs differ from the eager model's")
 
 
+def _first_sentence(exc: Exception) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the exporter colours its text
+    first = re.split(r"(?<=\.)\s|\n", text, maxsplit=1)[0].strip()
+    return (first[:200] or type(exc).__name__).rstrip(".")
+
+
 def _export_onnx(model: FeatureModel, size: int) -> bytes:
     example = torch.zeros(2, 3, size, size)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -268,7 +275,7 @@ def make_engine(model: FeatureModel, engine: str, device: torch.device, size: in
     try:
         return OnnxEngine(model, size, onnx_path)
     except Exception as exc:  # the exporter raises many types; any failure means torch
-        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        reason = _first_sentence(exc)
         warnings.warn(f"ONNX export failed ({reason}); using the torch engine.",
                       RuntimeWarning, stacklevel=3)
         return TorchEngine(model, device, dtype)

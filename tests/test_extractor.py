@@ -120,12 +120,15 @@ class Untraceable(nn.Module):
 
 def test_user_module_untraceable_uses_module_names(images):
     module = Untraceable()
-    extractor = FeatureExtractor(module, layers="conv", image_size=32).fit(images)
+    extractor = FeatureExtractor(module, layers="conv", image_size=32, engine="torch").fit(images)
     expected_conv = module.conv(torch.stack(
         [preprocess(load_image(i), extractor.preprocessing_) for i in images])).amax((2, 3))
     features = extractor.set_params(pooling="max").fit(images).transform(images)
     np.testing.assert_allclose(features, expected_conv.detach().numpy(), rtol=1e-4, atol=1e-5)
-    assert FeatureExtractor(module, image_size=32).fit(images).transform(images).shape == (8, 4)
+    with pytest.warns(RuntimeWarning, match=r"ONNX export failed \(Failed to export the model "
+                                            r"with torch\.export\); using the torch engine"):
+        auto = FeatureExtractor(module, image_size=32).fit(images)  # data-dependent branch
+    assert auto.engine_ == "torch" and auto.transform(images).shape == (8, 4)
     assert module.head.out_features == 2  # the user's module is left as it was
 
 

@@ -5,6 +5,7 @@ from skt.backbones._layers import PRE_LOGITS, check_layers, layer_names, list_la
 from skt.backbones._resolve import (
     Backbone,
     WeightsNotFoundError,
+    classifier_name,
     list_backbones,
     resolve_backbone,
     weights_available_offline,
@@ -18,6 +19,7 @@ __all__ = [
     "Preprocessing",
     "WeightsNotFoundError",
     "check_layers",
+    "classifier_name",
     "layer_names",
     "list_backbones",
     "list_layers",

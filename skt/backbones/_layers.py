@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-from skt.backbones._resolve import resolve_backbone
+from skt.backbones._resolve import classifier_name, resolve_backbone
 from skt.backbones.efficientnet_lite import Conv2dSame
 
 __all__ = ["PRE_LOGITS", "check_layers", "list_layers", "truncate"]
@@ -101,11 +101,6 @@ def check_layers(model: nn.Module, layers: str | Sequence[str] | None,
     return requested
 
 
-def _last_linear_name(model: nn.Module) -> str | None:
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    return names[-1] if names else None
-
-
 class _PreLogits(nn.Module):
     """The network with its final ``nn.Linear`` replaced by the identity."""
 
@@ -159,7 +154,7 @@ def truncate(model: nn.Module, layers: list[str]) -> nn.Module:
     ``model`` is modified in place: pass a copy to keep it.
     """
     if layers == [PRE_LOGITS]:
-        classifier = _last_linear_name(model)
+        classifier = classifier_name(model)
         if classifier is None and hasattr(model, "features"):
             return _extractor(model, {"features": PRE_LOGITS})
         return _PreLogits(model, classifier)

@@ -26,6 +26,7 @@ from skt.backbones.efficientnet_lite import (
 __all__ = [
     "Backbone",
     "WeightsNotFoundError",
+    "classifier_name",
     "list_backbones",
     "resolve_backbone",
     "weights_available_offline",
@@ -181,12 +182,10 @@ def _load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def _last_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
-    found = None
-    for module_name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            found = (module_name, module)
-    return found
+def classifier_name(model: nn.Module) -> str | None:
+    """Name of the classifier: the last ``nn.Linear`` in ``named_modules`` order."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return names[-1] if names else None
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], label: str) -> None:
@@ -208,11 +207,11 @@ def _build_from_file(name: str, path: str | os.PathLike) -> nn.Module:
     if name in LITE_VARIANTS:
         state = convert_lite_state_dict(state)
     model = _build(name)
-    head = _last_linear(model)
+    head = classifier_name(model)
     if head is not None:
         # A fine-tuned checkpoint may have its own number of classes.
-        weight = state.get(f"{head[0]}.weight")
-        if weight is not None and weight.shape[0] != head[1].out_features:
+        weight = state.get(f"{head}.weight")
+        if weight is not None and weight.shape[0] != model.get_submodule(head).out_features:
             model = _build(name, num_classes=int(weight.shape[0]))
     _load_into(model, state, f"weights={str(path)!r}")
     return model

