@@ -29,4 +29,4 @@ lint: setup
 	$(VENV)/bin/ruff check skt tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) demo-results .pytest_cache
+	rm -rf $(VENV) demo-results bench-results .pytest_cache

@@ -1,6 +1,6 @@
 """Tune pooling and the head's C together; the feature cache makes it one forward pass.
 
-Five folds x (3 poolings x 4 values of C) is 60 fits plus a refit, yet each
+Five folds x (3 poolings x 3 values of C) is 45 fits plus a refit, yet each
 image goes through the network once: every pooling but "flatten" is finished
 from the same cached per-channel summaries.
 """
@@ -16,7 +16,7 @@ from sklearn.preprocessing import StandardScaler
 from skt import FeatureExtractor
 from skt.datasets import load_elpv, subsample
 
-cells = subsample(load_elpv(return_paths=True), 400, random_state=0)
+cells = subsample(load_elpv(return_paths=True), 300, random_state=0)
 X_train, X_test, y_train, y_test = train_test_split(
     cells.images, cells.target, test_size=0.25, stratify=cells.target, random_state=0)
 
@@ -27,7 +27,7 @@ pipe = make_pipeline(
 )
 grid = {
     "featureextractor__pooling": ["avg", "max", "gem"],
-    "logisticregression__C": [0.01, 0.1, 1.0, 10.0],
+    "logisticregression__C": [0.01, 0.1, 1.0],
 }
 for run in ("cold cache", "warm cache"):
     start = time.perf_counter()

@@ -12,6 +12,9 @@ the compute dtype. ``<layer>`` hashes the layer name and the summary kind
 hashes the image content (see :func:`skt.images.fingerprint`). Any change in
 these misses, so nothing stale is returned.
 
+Entries read or written by this process also stay in memory, up to
+``MEMORY_BUDGET`` bytes, least recently used first out.
+
 Each entry is an ``.npy`` payload followed by a 16-byte BLAKE2b checksum. It is
 written to a temporary file and renamed into place, so concurrent writers and
 processes killed mid-write never leave a partial entry under a real name; an
@@ -26,15 +29,18 @@ import io
 import json
 import os
 import shutil
+import threading
 import uuid
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["FORMAT_VERSION", "FeatureCache", "cache_info", "clear_cache", "open_cache"]
+__all__ = ["FORMAT_VERSION", "FeatureCache", "cache_info", "clear_cache", "default_cache_dir",
+           "open_cache"]
 
 FORMAT_VERSION = 1
 _ROOT = "skt-features"
@@ -53,14 +59,67 @@ def _location(cache: Any) -> Path | None:
     return None if location is None else Path(location)
 
 
+def default_cache_dir() -> Path | None:
+    """skt's own folder for exported ONNX graphs when no ``cache=`` is given.
+
+    ``$SKT_CACHE_DIR``, else ``$XDG_CACHE_HOME/skt``, else ``~/.cache/skt``;
+    None when it cannot be created (graphs then stay in memory).
+    """
+    folder = os.environ.get("SKT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "skt")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return None
+    return Path(folder)
+
+
 def open_cache(cache: Any) -> FeatureCache | None:
     """The cache for a ``cache=`` parameter: None, a directory or a ``joblib.Memory``."""
     location = _location(cache)
     return None if location is None else FeatureCache(location)
 
 
+class _MemoryLayer:
+    """Recently read or written entries of this process, up to a byte budget.
+
+    Entries are content-addressed and never change once written, so a copy in
+    memory cannot go stale; it saves the file read and checksum on each of the
+    dozens of fits of a grid search.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.size = 0
+        self.items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: str) -> np.ndarray | None:
+        with self.lock:
+            value = self.items.get(key)
+            if value is not None:
+                self.items.move_to_end(key)
+            return value
+
+    def put(self, key: str, value: np.ndarray) -> None:
+        value = np.array(value, copy=True)
+        value.flags.writeable = False
+        with self.lock:
+            if key in self.items:
+                return
+            self.items[key] = value
+            self.size += value.nbytes
+            while self.size > self.budget and self.items:
+                self.size -= self.items.popitem(last=False)[1].nbytes
+
+
+MEMORY_BUDGET = 256 * 2**20
+_MEMORY = _MemoryLayer(MEMORY_BUDGET)
+
+
 class FeatureCache:
-    """Entries of one cache directory.
+    """Entries of one cache directory, with the most recent ones also in memory.
 
     Parameters
     ----------
@@ -81,11 +140,18 @@ class FeatureCache:
                                json.dumps(description, indent=1, default=str).encode())
         return key
 
+    def layer_folder(self, config: str, layer: str, kind: str) -> Path:
+        """Folder of one layer's entries; an image's entry is ``<folder>/<ab>/<image>``."""
+        return self.root / config / _hash(layer, kind)
+
     def path(self, config: str, layer: str, kind: str, image: str) -> Path:
-        return self.root / config / _hash(layer, kind) / image[:2] / image
+        return self.layer_folder(config, layer, kind) / image[:2] / image
 
     def load(self, path: Path) -> np.ndarray | None:
         """The entry at ``path``, or None when it is missing or damaged."""
+        remembered = _MEMORY.get(str(path))
+        if remembered is not None:
+            return remembered
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -93,9 +159,12 @@ class FeatureCache:
         payload, checksum = data[:-_CHECKSUM], data[-_CHECKSUM:]
         if len(data) > _CHECKSUM and _checksum(payload) == checksum:
             try:
-                return np.load(io.BytesIO(payload), allow_pickle=False)
+                array = np.load(io.BytesIO(payload), allow_pickle=False)
             except ValueError:
                 pass
+            else:
+                _MEMORY.put(str(path), array)
+                return array
         warnings.warn(f"Discarding damaged feature-cache entry {path}; it will be recomputed.",
                       RuntimeWarning, stacklevel=2)
         with contextlib.suppress(FileNotFoundError):
@@ -108,6 +177,7 @@ class FeatureCache:
         payload = buffer.getvalue()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._atomic_write(path, payload + _checksum(payload))
+        _MEMORY.put(str(path), array)
 
     @staticmethod
     def _atomic_write(path: Path, data: bytes) -> None:
@@ -139,6 +209,13 @@ class FeatureCache:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def forget_memory() -> None:
+    """Drop the in-memory copies of entries (files on disk are untouched)."""
+    with _MEMORY.lock:
+        _MEMORY.items.clear()
+        _MEMORY.size = 0
 
 
 def _checksum(payload: bytes) -> bytes:
@@ -206,6 +283,7 @@ def clear_cache(location: str | os.PathLike, max_bytes: int | None = None) -> in
     0
     """
     root = Path(location) / _ROOT
+    forget_memory()
     if not root.is_dir():
         return 0
     if max_bytes is None:

@@ -8,7 +8,9 @@ import io
 import os
 import re
 import warnings
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -284,14 +286,37 @@ def make_engine(model: FeatureModel, engine: str, device: torch.device, size: in
 def iter_batches(images: Sequence, config: Preprocessing, batch_size: int,
                  num_workers: int, indices: Sequence[int] | None = None,
                  ) -> Iterator[torch.Tensor]:
-    """Preprocessed batches of ``images`` (or of the items at ``indices``), in order."""
+    """Preprocessed batches of ``images`` (or of the items at ``indices``), in order.
+
+    With ``num_workers > 0``, image files are decoded and resized by that many
+    threads, up to two batches ahead of the consumer, while the network runs:
+    PIL's decoders, torch's resize and both engines release the GIL, and
+    threads, unlike DataLoader processes, cost nothing to start on every call
+    (a grid search transforms dozens of times). At most ``2 * batch_size``
+    decoded images are held at once.
+    """
     dataset = ImageDataset(images, config, indices)
-    # Worker processes pay off when there are files to decode and enough of them.
     decode = any(isinstance(images[i], str | os.PathLike) for i in dataset.indices[:1])
-    workers = num_workers if decode and len(dataset) > batch_size else 0
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-        collate_fn=collate, pin_memory=False,
-        prefetch_factor=4 if workers else None, persistent_workers=False,
-    )
-    yield from loader
+    if num_workers == 0 or not decode or len(dataset) <= batch_size:
+        for start in range(0, len(dataset), batch_size):
+            yield collate([dataset[k] for k in range(start, min(start + batch_size,
+                                                                 len(dataset)))])
+        return
+    window = 2 * batch_size
+    with ThreadPoolExecutor(num_workers, thread_name_prefix="skt-decode") as pool:
+        pending: deque = deque()
+        submitted = 0
+        batch: list = []
+        while submitted < len(dataset) or pending:
+            while submitted < len(dataset) and len(pending) < window:
+                pending.append(pool.submit(dataset.__getitem__, submitted))
+                submitted += 1
+            batch.append(pending.popleft().result())
+            if len(batch) == batch_size or (not pending and submitted == len(dataset)):
+                try:
+                    yield collate(batch)
+                except BaseException:
+                    for future in pending:
+                        future.cancel()
+                    raise
+                batch = []

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from skt._sklearn import Interval, StrOptions, _fit_context
 from skt._version import __version__
 from skt.backbones import Backbone, check_layers, layer_names, resolve_backbone
-from skt.cache import FORMAT_VERSION, open_cache
+from skt.cache import FORMAT_VERSION, default_cache_dir, open_cache
 from skt.extract import (
     build_feature_model,
     default_num_workers,
@@ -135,8 +135,9 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         fits, folds, processes and sessions.
     engine : {"auto", "torch", "onnx"}, default="auto"
         What runs the network. ``"onnx"`` exports the truncated network and
-        pooling to ONNX once per configuration (a few seconds; kept in the
-        ``cache`` folder when there is one) and runs it in ONNX Runtime, several
+        pooling to ONNX once per configuration (a few seconds; the graph is kept
+        in the ``cache`` folder, else in ``$SKT_CACHE_DIR`` or ``~/.cache/skt``,
+        so later processes load it) and runs it in ONNX Runtime, several
         times faster than eager PyTorch on CPUs for depthwise-convolution
         networks such as EfficientNet-Lite. ``"auto"`` uses ONNX Runtime on the
         CPU when the ``onnx`` extra is installed, torch otherwise (and always on
@@ -317,8 +318,12 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         return self._runtime
 
     def _onnx_path(self, layout) -> Path | None:
-        """Where the exported graph lives: in the feature cache, so it is exported once."""
-        cache = open_cache(self.cache)
+        """Where the exported graph lives: the feature cache, else skt's own cache folder.
+
+        Exporting takes seconds, so the graph is kept on disk, keyed by the
+        weights' hash, layers and preprocessing, and later processes load it.
+        """
+        cache = open_cache(self.cache) or open_cache(default_cache_dir())
         if cache is None:
             return None
         config = cache.config_key(self._cache_description())
@@ -401,19 +406,22 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
 
     def _cached_into(self, out, images, cache, progress) -> None:
         config = cache.config_key(self._cache_description())
+        folders = [cache.layer_folder(config, layer.name, layer.kind) for layer in self._layout]
         keys = [fingerprint(images[i]) for i in range(len(images))]
-        paths = [[cache.path(config, layer.name, layer.kind, key) for layer in self._layout]
-                 for key in keys]
+        paths = [[folder / key[:2] / key for folder in folders] for key in keys]
 
         def read(indices):
-            missing = []
+            missing, hits, found = [], [], []
             for i in indices:
                 entries = [cache.load(path) for path in paths[i]]
                 if any(entry is None for entry in entries):
                     missing.append(i)
                 else:
-                    self._pool_into(out, [i], [entry[None] for entry in entries])
-                    progress.update(1)
+                    hits.append(i)
+                    found.append(entries)
+            if hits:  # pooled together: one numpy call per layer, not per image
+                self._pool_into(out, hits, [np.stack(layer) for layer in zip(*found, strict=True)])
+                progress.update(len(hits))
             return missing
 
         missing = read(range(len(images)))

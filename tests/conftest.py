@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,12 @@ import torch
 from PIL import Image
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _graph_cache(tmp_path_factory):
+    """Exported ONNX graphs go to a folder of this test session, shared by its subprocesses."""
+    os.environ["SKT_CACHE_DIR"] = str(tmp_path_factory.mktemp("skt-cache"))
 
 # Small and fast: a random-init ResNet-18 on 32 px crops.
 TINY = {"backbone": "resnet18", "weights": None, "image_size": 32, "random_state": 0,

@@ -14,6 +14,7 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline, make_pipeline
 
 from skt import FeatureExtractor, cache_info, clear_cache
+from skt.cache import forget_memory
 from skt.extract import TorchEngine
 
 from .conftest import TINY
@@ -138,6 +139,7 @@ def test_damaged_entry_is_discarded_and_recomputed(images, counter, tmp_path):
                      if p.is_file() and not p.name.startswith(".") and p.name != "config.json")
     assert len(entries) == 8
     entries[3].write_bytes(entries[3].read_bytes()[:50])  # truncated
+    forget_memory()  # as in a new process: read from disk
     counter.reset()
     with pytest.warns(RuntimeWarning, match="Discarding damaged feature-cache entry"):
         again = extractor.transform(images)
@@ -220,6 +222,23 @@ def test_joblib_memory_and_pipeline_memory(labelled, counter, tmp_path):
     second = Pipeline(steps, memory=str(tmp_path / "pipe")).fit(X, y)
     assert counter.total == 30  # the fitted extractor and its output came from the memory
     np.testing.assert_array_equal(first.predict_proba(X), second.predict_proba(X))
+
+
+def test_entries_stay_in_memory_until_forgotten(images, counter, tmp_path):
+    extractor = FeatureExtractor(**TINY, cache=tmp_path).fit(images)
+    first = extractor.transform(images)
+    clear_cache(tmp_path)  # also forgets the copies in memory
+    counter.reset()
+    np.testing.assert_array_equal(extractor.transform(images), first)
+    assert counter.total == 8
+    entries = [p for p in (tmp_path / "skt-features").rglob("*")
+               if p.is_file() and not p.name.startswith(".") and p.name != "config.json"]
+    assert len(entries) == 8
+    for entry in entries:
+        entry.unlink()  # the files are gone; this process still has them in memory
+    counter.reset()
+    np.testing.assert_array_equal(extractor.transform(images), first)
+    assert counter.total == 0
 
 
 def test_cache_info_and_clear(labelled, tmp_path):

@@ -14,6 +14,8 @@ MODULES = [
     "skt.backbones._layers",
     "skt.backbones.efficientnet_lite",
     "skt.datasets",
+    "skt.benchmark",
+    "skt.finetune",
 ]
 
 

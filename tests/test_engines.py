@@ -84,3 +84,17 @@ def test_exported_graph_is_kept_in_the_cache(pictures, tmp_path, monkeypatch):
     second = FeatureExtractor(**{**ONNX, "layers": "layer2", "cache": tmp_path}).fit(pictures)
     assert second.engine_ == "onnx"
     np.testing.assert_array_equal(first.transform(pictures), second.transform(pictures))
+
+
+def test_without_a_cache_graphs_go_to_skt_cache_dir(pictures, tmp_path, monkeypatch):
+    monkeypatch.setenv("SKT_CACHE_DIR", str(tmp_path))
+    first = FeatureExtractor(**{**ONNX, "layers": "layer1"}).fit(pictures)
+    assert len(list(tmp_path.rglob("graph-*.onnx"))) == 1
+    skt.extractor._RUNTIMES.items.clear()
+
+    def no_export(model, size):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(skt.extract, "_export_onnx", no_export)
+    second = FeatureExtractor(**{**ONNX, "layers": "layer1"}).fit(pictures)
+    np.testing.assert_array_equal(first.transform(pictures), second.transform(pictures))

@@ -205,3 +205,9 @@ def test_load_image_folder(image_folder):
     assert all(p.endswith(".png") for p in paths)
     with pytest.raises(ValueError, match="is not a directory"):
         load_image_folder(image_folder / "nothing")
+
+
+def test_fingerprint_of_a_rewritten_file_changes(image_files, images):
+    before = fingerprint(image_files[0])
+    Image.fromarray(images[1]).save(image_files[0])  # same name, new content
+    assert fingerprint(image_files[0]) == fingerprint(image_files[1]) != before
