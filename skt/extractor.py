@@ -10,19 +10,18 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict
-from numbers import Integral, Real
+from numbers import Integral
 from pathlib import Path
 from typing import ClassVar
 
 import joblib
 import numpy as np
-import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
-from torchvision.models import WeightsEnum
 from tqdm.auto import tqdm
 
+from skt._base import BACKBONE_CONSTRAINTS, RUNTIME_CONSTRAINTS, ImageEstimatorMixin
 from skt._sklearn import Interval, StrOptions, _fit_context
 from skt._version import __version__
 from skt.backbones import Backbone, check_layers, layer_names, resolve_backbone
@@ -89,7 +88,7 @@ def _backbone_key(params: dict) -> tuple | None:
             _frozen(params["mean"]), _frozen(params["std"]))
 
 
-class FeatureExtractor(TransformerMixin, BaseEstimator):
+class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
     """Turn images into features from chosen layers of a pretrained CNN.
 
     ``fit`` loads the backbone (it learns nothing from ``X``); ``transform``
@@ -180,21 +179,14 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     """
 
     _parameter_constraints: ClassVar[dict] = {
-        "backbone": [str, nn.Module],
-        "weights": [str, os.PathLike, WeightsEnum, None],
+        **BACKBONE_CONSTRAINTS,
+        **RUNTIME_CONSTRAINTS,
         "layers": [str, list, tuple, None],
         "pooling": [StrOptions(set(POOLINGS))],
-        "image_size": [Interval(Integral, 16, None, closed="left"), None],
-        "mean": ["array-like", Interval(Real, 0, 1, closed="both"), None],
-        "std": ["array-like", Interval(Real, 0, None, closed="neither"), None],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "device": [str, torch.device],
-        "num_workers": [Interval(Integral, 0, None, closed="left"), None],
         "cache": [str, os.PathLike, joblib.Memory, None],
         "engine": [StrOptions({"auto", "torch", "onnx"})],
         "dtype": [StrOptions({"float16", "bfloat16"}), None],
-        "random_state": ["random_state"],
-        "verbose": ["verbose"],
     }
 
     def __init__(
@@ -446,21 +438,3 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         return np.asarray([name for layer in self._layout for name in self._names(layer)],
                           dtype=object)
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        tags.input_tags.three_d_array = True
-        tags.input_tags.string = True
-        tags.transformer_tags.preserves_dtype = []
-        tags.requires_fit = True
-        return tags
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state["_runtime"] = None
-        if state.get("_rebuildable"):
-            state["model_"] = None  # rebuilt by name on first use: weights stay out of pickles
-        elif state.get("model_") is not None:
-            state["model_"] = state["model_"].cpu()
-        return state

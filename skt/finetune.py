@@ -24,8 +24,8 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
-from torchvision.models import WeightsEnum
 
+from skt._base import BACKBONE_CONSTRAINTS, RUNTIME_CONSTRAINTS, ImageEstimatorMixin
 from skt._sklearn import Interval, StrOptions, _fit_context
 from skt._training import (
     FreezePlan,
@@ -175,7 +175,8 @@ class _Logits(nn.Module):
         return (self.model(x),)
 
 
-class FineTuneClassifier(ClassifierMixin, TransformerMixin, TrainingLoop, BaseEstimator):
+class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin, TrainingLoop,
+                         BaseEstimator):
     """Fine-tune a pretrained CNN end to end as a scikit-learn classifier.
 
     The backbone, its weights and its preprocessing are resolved exactly as
@@ -349,11 +350,8 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, TrainingLoop, BaseEs
     """
 
     _parameter_constraints: ClassVar[dict] = {
-        "backbone": [str, nn.Module],
-        "weights": [str, os.PathLike, WeightsEnum, None],
-        "image_size": [Interval(Integral, 16, None, closed="left"), None],
-        "mean": ["array-like", Interval(Real, 0, 1, closed="both"), None],
-        "std": ["array-like", Interval(Real, 0, None, closed="neither"), None],
+        **BACKBONE_CONSTRAINTS,
+        **RUNTIME_CONSTRAINTS,
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [Interval(Integral, 2, None, closed="left")],
         "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
@@ -376,10 +374,6 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, TrainingLoop, BaseEs
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
         "warm_start": ["boolean"],
         "checkpoint": [str, os.PathLike, None],
-        "device": [str, torch.device],
-        "num_workers": [Interval(Integral, 0, None, closed="left"), None],
-        "random_state": ["random_state"],
-        "verbose": ["verbose"],
     }
 
     def __init__(
@@ -830,19 +824,3 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, TrainingLoop, BaseEs
         layout = self._runtime["layout"]
         return np.asarray(feature_names(layout.name, layout.kind, "avg", layout.width),
                           dtype=object)
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        tags.input_tags.three_d_array = True
-        tags.input_tags.string = True
-        tags.transformer_tags.preserves_dtype = []
-        tags.requires_fit = True
-        return tags
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state["_runtime"] = None
-        if state.get("model_") is not None:
-            state["model_"] = state["model_"].cpu()
-        return state

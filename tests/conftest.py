@@ -19,6 +19,20 @@ def _graph_cache(tmp_path_factory):
     """Exported ONNX graphs go to a folder of this test session, shared by its subprocesses."""
     os.environ["SKT_CACHE_DIR"] = str(tmp_path_factory.mktemp("skt-cache"))
 
+# scikit-learn's checks that need no tabular data: image estimators run these by name,
+# since parametrize_with_checks skips everything once the tags say "not a 2-D array".
+DATA_FREE_CHECKS = [
+    "check_no_attributes_set_in_init",
+    "check_estimator_cloneable",
+    "check_estimator_repr",
+    "check_parameters_default_constructible",
+    "check_get_params_invariance",
+    "check_set_params",
+    "check_do_not_raise_errors_in_init_or_set_params",
+    "check_mixin_order",
+    "check_valid_tag_types",
+]
+
 # Small and fast: a random-init ResNet-18 on 32 px crops.
 TINY = {"backbone": "resnet18", "weights": None, "image_size": 32, "random_state": 0,
         "engine": "torch"}

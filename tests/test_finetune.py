@@ -36,6 +36,8 @@ from skt.extract import iter_batches
 from skt.extractor import FeatureExtractor
 from skt.finetune import FineTuneClassifier, list_stages
 
+from .conftest import DATA_FREE_CHECKS
+
 SIZE = 16
 
 
@@ -646,17 +648,7 @@ def test_joblib_round_trip_in_a_fresh_process_and_on_a_cpu_only_machine(fitted, 
 # --------------------------------------------------------- scikit-learn API
 
 
-@pytest.mark.parametrize("check", [
-    "check_no_attributes_set_in_init",
-    "check_estimator_cloneable",
-    "check_estimator_repr",
-    "check_parameters_default_constructible",
-    "check_get_params_invariance",
-    "check_set_params",
-    "check_do_not_raise_errors_in_init_or_set_params",
-    "check_mixin_order",
-    "check_valid_tag_types",
-])
+@pytest.mark.parametrize("check", DATA_FREE_CHECKS)
 def test_sklearn_estimator_checks(check):
     estimator = FineTuneClassifier()
     getattr(estimator_checks, check)(type(estimator).__name__, estimator)

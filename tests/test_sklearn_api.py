@@ -14,19 +14,7 @@ from sklearn.utils import estimator_checks as checks
 
 from skt import FeatureExtractor
 
-from .conftest import TINY
-
-DATA_FREE_CHECKS = [
-    "check_no_attributes_set_in_init",
-    "check_estimator_cloneable",
-    "check_estimator_repr",
-    "check_parameters_default_constructible",
-    "check_get_params_invariance",
-    "check_set_params",
-    "check_do_not_raise_errors_in_init_or_set_params",
-    "check_mixin_order",
-    "check_valid_tag_types",
-]
+from .conftest import DATA_FREE_CHECKS, TINY
 
 
 @pytest.mark.parametrize("check", DATA_FREE_CHECKS)
