@@ -12,8 +12,9 @@ Data sets:
 - ``elpv``: the 2,624 ELPV solar cells (``pip install elpv-dataset``), one
   stratified 75/25 split by default; the published results of Deitsch et al.
   (2019) are shown beside the table.
-- ``fashion_mnist``: the IDX files of Debian's ``dataset-fashion-mnist``
-  package (or ``--data DIR``), on the official 60,000 / 10,000 split, with
+- ``fashion_mnist``: the Fashion-MNIST IDX files (Debian's ``dataset-fashion-mnist``
+  package, ``$SKT_DATA/fashion-mnist`` or ``--data DIR``; see
+  ``skt.datasets.load_fashion_mnist``), on the official 60,000 / 10,000 split, with
   raw-pixel rows on the 28 x 28 pixels as they are, comparable with the
   benchmark published with the data set (shown beside the table).
   ``--train-size`` takes a stratified subset of the training images.
@@ -126,7 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataset", default="elpv",
                         help="elpv, fashion_mnist, digits or folder:PATH (default elpv)")
     parser.add_argument("--data", default=None,
-                        help="fashion_mnist: folder with the IDX files (default: Debian's)")
+                        help="fashion_mnist: data_home of the IDX files (default: $SKT_DATA, "
+                             "~/skt_data, then Debian's folder)")
     parser.add_argument("--backbones", default="efficientnet_lite0",
                         help="comma-separated backbone names (default efficientnet_lite0)")
     parser.add_argument("--image-size", type=int, default=None,

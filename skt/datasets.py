@@ -5,12 +5,18 @@ data set ships as files) and an integer ``target`` aligned row by row, plus a
 ``DESCR`` that says where the data come from, whom to cite and its licence.
 ``images`` goes straight into :class:`skt.FeatureExtractor`; :func:`subsample`
 takes a stratified subset of any of these bunches.
+
+Data that no pip package ships (Fashion-MNIST) are read from a data folder:
+``data_home=``, else the ``SKT_DATA`` environment variable, else
+``~/skt_data``, as scikit-learn does with ``SCIKIT_LEARN_DATA``. Nothing is
+downloaded.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +37,7 @@ __all__ = [
 ]
 
 FASHION_MNIST_FOLDER = Path("/usr/share/datasets/fashion-mnist")
-"""Where Debian's ``dataset-fashion-mnist`` package installs the IDX files."""
+"""Where Debian's ``dataset-fashion-mnist`` package installs the IDX files, searched last."""
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -211,16 +217,69 @@ def load_elpv(threshold: float = 0.5, return_paths: bool = False) -> Bunch:
 
 # ------------------------------------------------------------ Fashion-MNIST --
 
+# A small IDX parser rather than torchvision.datasets.mnist.read_image_file: that one opens
+# plain paths only (no gzip), checks with bare asserts and skips the size check on images.
 _IDX_UBYTE = 0x08
+_GZIP_MAGIC = b"\x1f\x8b"
+_FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                  "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_FASHION_URL = "https://github.com/zalandoresearch/fashion-mnist/tree/master/data/fashion"
+
+
+def _data_home(data_home: str | os.PathLike | None) -> Path:
+    """``data_home``, else ``$SKT_DATA``, else ``~/skt_data``; ``~`` expanded."""
+    if data_home is None:
+        data_home = os.environ.get("SKT_DATA") or Path("~", "skt_data")
+    return Path(data_home).expanduser()
+
+
+def _fashion_folders(data_home: str | os.PathLike | None) -> list[Path]:
+    """Folders that may hold the IDX files, in search order."""
+    home = _data_home(data_home)
+    # skt's layout, torchvision's FashionMNIST(root=home), and the bare files.
+    folders = [home / "fashion-mnist", home / "FashionMNIST" / "raw", home]
+    if data_home is None:
+        folders.append(FASHION_MNIST_FOLDER)
+    return list(dict.fromkeys(folders))
+
+
+def _find_fashion_folder(data_home: str | os.PathLike | None) -> Path:
+    """The first folder in search order holding any of the four IDX files."""
+    folders = _fashion_folders(data_home)
+    for folder in folders:
+        if any((folder / name).is_file() or (folder / f"{name}.gz").is_file()
+               for name in _FASHION_FILES):
+            return folder
+    searched = "".join(f"\n  {folder}" for folder in folders)
+    raise FileNotFoundError(
+        f"Fashion-MNIST not found: none of its IDX files is in any of{searched}\n"
+        "Get the data in one of two ways:\n"
+        "  - apt-get install dataset-fashion-mnist (Debian, Ubuntu) fills "
+        f"{FASHION_MNIST_FOLDER}, searched when data_home=None;\n"
+        f"  - download {', '.join(f'{name}.gz' for name in _FASHION_FILES)} from "
+        f"{_FASHION_URL} into {_data_home(data_home) / 'fashion-mnist'}, or into any "
+        "folder and pass it as data_home= (or set SKT_DATA to it)."
+    )
+
+
+def _find_idx(folder: Path, name: str) -> Path:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"Neither {name!r} nor {name + '.gz'!r} is in {str(folder)!r}, which holds other "
+        f"Fashion-MNIST files; download {name + '.gz'!r} from {_FASHION_URL} into it."
+    )
 
 
 def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed when they are gzip data, whatever the file name."""
+    data = path.read_bytes()
+    if not data.startswith(_GZIP_MAGIC):
+        return data
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as handle:
-                return handle.read()
-        return path.read_bytes()
-    except (EOFError, gzip.BadGzipFile) as exc:
+        return gzip.decompress(data)
+    except (EOFError, OSError, zlib.error) as exc:  # BadGzipFile is an OSError
         raise ValueError(
             f"{str(path)!r} is not a readable gzip file ({exc}); it is truncated or "
             "corrupt. Re-install dataset-fashion-mnist or download the file again."
@@ -256,29 +315,36 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape)
 
 
-def _find_idx(folder: Path, name: str) -> Path:
-    for candidate in (folder / name, folder / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"Neither {name!r} nor {name + '.gz'!r} is in {str(folder)!r}. Point path= at a "
-        "folder with the Fashion-MNIST IDX files."
-    )
-
-
-def load_fashion_mnist(path: str | os.PathLike | None = None, subset: str = "train") -> Bunch:
+def load_fashion_mnist(data_home: str | os.PathLike | None = None, *,
+                       subset: str = "train") -> Bunch:
     """Load Fashion-MNIST from its IDX files.
 
     Reads ``train-images-idx3-ubyte`` and ``train-labels-idx1-ubyte`` (or the
-    ``t10k-`` pair), gzip-compressed (``.gz``) or raw, as published by Zalando
-    and installed by Debian's ``dataset-fashion-mnist`` package.
+    ``t10k-`` pair), gzip-compressed (``.gz``) or raw, as published by Zalando,
+    installed by Debian's ``dataset-fashion-mnist`` package or downloaded by
+    ``torchvision.datasets.FashionMNIST``. Nothing is downloaded here: get the
+    four ``.gz`` files from
+    https://github.com/zalandoresearch/fashion-mnist/tree/master/data/fashion.
+
+    The files are looked for, in this order, in
+
+    1. ``<home>/fashion-mnist/`` (skt's layout),
+    2. ``<home>/FashionMNIST/raw/`` (torchvision's, for ``root=<home>``),
+    3. ``<home>/`` itself,
+    4. only when ``data_home`` is None: ``/usr/share/datasets/fashion-mnist``
+       (:data:`FASHION_MNIST_FOLDER`, where ``apt-get install
+       dataset-fashion-mnist`` puts them),
+
+    where ``<home>`` is ``data_home``, else the ``SKT_DATA`` environment
+    variable, else ``~/skt_data``, like scikit-learn's ``data_home`` and
+    ``SCIKIT_LEARN_DATA``. The first folder holding any of the four files is
+    used.
 
     Parameters
     ----------
-    path : str or path-like, default=None
-        Folder holding the IDX files. ``None`` means
-        ``/usr/share/datasets/fashion-mnist`` (``apt-get install
-        dataset-fashion-mnist``).
+    data_home : str or path-like, default=None
+        Data folder to look in; ``~`` is expanded. None means ``$SKT_DATA``
+        or ``~/skt_data``, then Debian's folder.
     subset : {"train", "test"}, default="train"
         The official split: 60,000 training or 10,000 test images.
 
@@ -298,9 +364,11 @@ def load_fashion_mnist(path: str | os.PathLike | None = None, subset: str = "tra
     Raises
     ------
     FileNotFoundError
-        If the folder or one of its two files is missing.
+        If no searched folder holds the files (the message lists the folders
+        and how to get the data), or the folder found lacks one of the two.
     ValueError
-        If a file's magic number, declared size or labels do not match.
+        If a file is bad gzip, or its magic number, declared size or labels
+        do not match; the message names the file.
 
     Examples
     --------
@@ -314,14 +382,7 @@ def load_fashion_mnist(path: str | os.PathLike | None = None, subset: str = "tra
     prefixes = {"train": "train", "test": "t10k"}
     if subset not in prefixes:
         raise ValueError(f"subset must be 'train' or 'test'; got {subset!r}.")
-    folder = FASHION_MNIST_FOLDER if path is None else Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"Fashion-MNIST folder {str(folder)!r} does not exist. Install the data with "
-            "'apt-get install dataset-fashion-mnist' (it fills "
-            f"{str(FASHION_MNIST_FOLDER)!r}), or pass path= pointing at a folder with "
-            "the IDX files."
-        )
+    folder = _find_fashion_folder(data_home)
     prefix = prefixes[subset]
     images_path = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
     labels_path = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")

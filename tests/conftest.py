@@ -77,6 +77,24 @@ def image_folder(tmp_path, rng):
     return root
 
 
+def require(module: str, install: str):
+    """Import a dependency that ``make test`` installs.
+
+    Missing means a broken set-up, so the test fails and says how to fix it
+    rather than skipping in silence.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        pytest.fail(f"{module} is not installed: {install} (make test installs it).",
+                    pytrace=False)
+
+
+@pytest.fixture
+def elpv_installed():
+    return require("elpv_dataset", "pip install elpv-dataset")
+
+
 def foolbox_imagenet_files() -> list[Path]:
     """The 20 labelled ImageNet JPEGs shipped in the foolbox wheel (class id in the name)."""
     spec = importlib.util.find_spec("foolbox")

@@ -144,7 +144,9 @@ def test_damaged_entry_is_discarded_and_recomputed(images, counter, tmp_path):
     with pytest.warns(RuntimeWarning, match="Discarding damaged feature-cache entry"):
         again = extractor.transform(images)
     assert counter.total == 1
-    np.testing.assert_allclose(again, clean, rtol=1e-5, atol=1e-6)  # batch of 1, not 8
+    # Recomputed in a batch of 1, not 8: oneDNN may pick another convolution algorithm,
+    # so float32 sums differ in the last bits (seen: 1.2e-6 on features of about 0.01-1).
+    np.testing.assert_allclose(again, clean, rtol=1e-5, atol=1e-5)
 
 
 KILLED_WRITER = """

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import doctest
 import gzip
-import importlib.util
 import os
 import re
 import sys
@@ -25,9 +24,7 @@ from skt.datasets import (
     subsample,
 )
 
-HAVE_ELPV = importlib.util.find_spec("elpv_dataset") is not None
-needs_elpv = pytest.mark.skipif(not HAVE_ELPV, reason="pip install elpv-dataset to run")
-HAVE_FASHION = FASHION_MNIST_FOLDER.is_dir()
+needs_elpv = pytest.mark.usefixtures("elpv_installed")
 ELPV_STEP = 44  # decode every 44th cell: 60 of 2,624, mono and poly, in a fraction of the time
 
 # ---------------------------------------------------------------------- ELPV --
@@ -187,6 +184,26 @@ def write_fashion(folder: Path, arrays: dict, compress: bool) -> Path:
     return folder
 
 
+@pytest.fixture
+def fresh_machine(tmp_path, monkeypatch):
+    """No Fashion-MNIST anywhere: an empty $SKT_DATA and no Debian folder; returns $SKT_DATA."""
+    home = tmp_path / "skt-data"
+    home.mkdir()
+    monkeypatch.setenv("SKT_DATA", str(home))
+    monkeypatch.setattr(datasets, "FASHION_MNIST_FOLDER", tmp_path / "no-debian")
+    return home
+
+
+def skip_without_fashion_data():
+    """Skip unless the real files are where ``load_fashion_mnist()`` looks."""
+    try:
+        datasets._find_fashion_folder(None)
+    except FileNotFoundError:
+        pytest.skip("Fashion-MNIST files not found; to run: apt-get install "
+                    "dataset-fashion-mnist, or put the four IDX files in $SKT_DATA/fashion-mnist "
+                    "(default ~/skt_data/fashion-mnist)")
+
+
 @pytest.mark.parametrize("compress", [True, False], ids=["gzip", "raw"])
 @pytest.mark.parametrize(("subset", "prefix"), [("train", "train"), ("test", "t10k")])
 def test_fashion_round_trip(tmp_path, fashion_arrays, compress, subset, prefix):
@@ -201,19 +218,92 @@ def test_fashion_round_trip(tmp_path, fashion_arrays, compress, subset, prefix):
     assert "Xiao" in data.DESCR and "MIT" in data.DESCR
 
 
+def test_fashion_debian_folder_last(fresh_machine):
+    assert FASHION_MNIST_FOLDER == Path("/usr/share/datasets/fashion-mnist")
+    assert datasets._fashion_folders(None)[-1] == datasets.FASHION_MNIST_FOLDER
+    assert datasets.FASHION_MNIST_FOLDER not in datasets._fashion_folders(fresh_machine)
+
+
 def test_fashion_target_names():
     assert FASHION_MNIST_CLASSES == ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
 
-def test_fashion_missing_folder(tmp_path):
+REMEDIES = (
+    "Get the data in one of two ways:\n"
+    "  - apt-get install dataset-fashion-mnist (Debian, Ubuntu) fills {debian}, searched when "
+    "data_home=None;\n"
+    "  - download train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+    "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz from "
+    "https://github.com/zalandoresearch/fashion-mnist/tree/master/data/fashion into "
+    "{home}/fashion-mnist, or into any folder and pass it as data_home= (or set SKT_DATA to it)."
+)
+
+
+def test_fashion_not_found_on_fresh_machine(fresh_machine, tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        load_fashion_mnist(subset="test")
+    assert str(info.value) == (
+        "Fashion-MNIST not found: none of its IDX files is in any of\n"
+        f"  {fresh_machine}/fashion-mnist\n"
+        f"  {fresh_machine}/FashionMNIST/raw\n"
+        f"  {fresh_machine}\n"
+        f"  {tmp_path}/no-debian\n"
+        + REMEDIES.format(debian=tmp_path / "no-debian", home=fresh_machine))
+
+
+def test_fashion_not_found_in_data_home(fresh_machine, tmp_path):
+    """An explicit data_home is the only place searched: not $SKT_DATA, not Debian's folder."""
+    write_fashion(fresh_machine, {"t10k": (np.zeros((1, 28, 28)), np.zeros(1))}, False)
     folder = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError) as info:
         load_fashion_mnist(folder)
-    message = str(info.value)
-    assert repr(str(folder)) in message
-    assert "apt-get install dataset-fashion-mnist" in message
-    assert "path=" in message
+    assert str(info.value) == (
+        "Fashion-MNIST not found: none of its IDX files is in any of\n"
+        f"  {folder}/fashion-mnist\n"
+        f"  {folder}/FashionMNIST/raw\n"
+        f"  {folder}\n"
+        + REMEDIES.format(debian=tmp_path / "no-debian", home=folder))
+
+
+@pytest.mark.parametrize("layout", ["fashion-mnist", "FashionMNIST/raw", "."])
+def test_fashion_found_in_skt_data(fresh_machine, fashion_arrays, layout):
+    folder = fresh_machine / layout
+    folder.mkdir(parents=True, exist_ok=True)
+    write_fashion(folder, fashion_arrays, compress=True)
+    np.testing.assert_array_equal(load_fashion_mnist(subset="test").images,
+                                  fashion_arrays["t10k"][0])
+
+
+def test_fashion_found_in_home_default(fresh_machine, tmp_path, monkeypatch, fashion_arrays):
+    monkeypatch.delenv("SKT_DATA")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    folder = tmp_path / "skt_data" / "fashion-mnist"
+    folder.mkdir(parents=True)
+    write_fashion(folder, fashion_arrays, compress=False)
+    np.testing.assert_array_equal(load_fashion_mnist().target, fashion_arrays["train"][1])
+    assert len(load_fashion_mnist("~/skt_data", subset="test").target) == 3  # ~ is expanded
+
+
+def test_fashion_search_order(fresh_machine, tmp_path, monkeypatch, fashion_arrays):
+    """$SKT_DATA/fashion-mnist before torchvision's layout before Debian's folder."""
+    debian = tmp_path / "debian"
+    debian.mkdir()
+    write_fashion(debian, fashion_arrays, compress=True)
+    monkeypatch.setattr(datasets, "FASHION_MNIST_FOLDER", debian)
+    assert len(load_fashion_mnist().target) == 6
+    one = {"train": (np.full((1, 28, 28), 1), np.array([1])),
+           "t10k": (np.zeros((1, 28, 28)), np.array([0]))}
+    (fresh_machine / "FashionMNIST" / "raw").mkdir(parents=True)
+    write_fashion(fresh_machine / "FashionMNIST" / "raw", one, compress=False)
+    assert load_fashion_mnist().target.tolist() == [1]
+    two = {"train": (np.full((2, 28, 28), 2), np.array([2, 2])),
+           "t10k": (np.zeros((1, 28, 28)), np.array([0]))}
+    (fresh_machine / "fashion-mnist").mkdir()
+    write_fashion(fresh_machine / "fashion-mnist", two, compress=False)
+    assert load_fashion_mnist().target.tolist() == [2, 2]
+    # An explicit data_home wins over everything.
+    assert len(load_fashion_mnist(debian).target) == 6
 
 
 def test_fashion_missing_file(tmp_path, fashion_arrays):
@@ -221,7 +311,8 @@ def test_fashion_missing_file(tmp_path, fashion_arrays):
     (tmp_path / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(FileNotFoundError, match=re.escape(
             "Neither 't10k-labels-idx1-ubyte' nor 't10k-labels-idx1-ubyte.gz' is in "
-            f"{str(tmp_path)!r}")):
+            f"{str(tmp_path)!r}, which holds other Fashion-MNIST files; download "
+            "'t10k-labels-idx1-ubyte.gz' from https://github.com/zalandoresearch/")):
         load_fashion_mnist(tmp_path, subset="test")
 
 
@@ -261,13 +352,30 @@ def test_fashion_truncated_header(tmp_path, fashion_arrays):
         load_fashion_mnist(tmp_path)
 
 
-def test_fashion_truncated_gzip(tmp_path, fashion_arrays):
+@pytest.mark.parametrize("damage", [lambda gz: gz[:100],
+                                    lambda gz: gz[:20] + bytes(len(gz) - 20),
+                                    lambda gz: gz[:-4] + b"\xff" * 4,
+                                    lambda gz: gz[:3] + b"\xff" + gz[4:]],
+                         ids=["truncated", "zeroed", "bad-size", "bad-flags"])
+def test_fashion_bad_gzip(tmp_path, fashion_arrays, damage):
     write_fashion(tmp_path, fashion_arrays, compress=True)
     images = tmp_path / "train-images-idx3-ubyte.gz"
-    images.write_bytes(images.read_bytes()[:100])
+    images.write_bytes(damage(images.read_bytes()))
     with pytest.raises(ValueError, match=re.escape(
-            f"{str(images)!r} is not a readable gzip file")):
+            f"{str(images)!r} is not a readable gzip file (")):
         load_fashion_mnist(tmp_path)
+
+
+def test_fashion_gzip_recognised_by_content(tmp_path, fashion_arrays):
+    """A .gz name on raw bytes (a browser decompressed it) and gzip without .gz both load."""
+    write_fashion(tmp_path, fashion_arrays, compress=False)
+    raw = tmp_path / "train-images-idx3-ubyte"
+    raw.rename(tmp_path / "train-images-idx3-ubyte.gz")
+    labels = tmp_path / "train-labels-idx1-ubyte"
+    labels.write_bytes(gzip.compress(labels.read_bytes()))
+    data = load_fashion_mnist(tmp_path)
+    np.testing.assert_array_equal(data.images, fashion_arrays["train"][0])
+    np.testing.assert_array_equal(data.target, fashion_arrays["train"][1])
 
 
 def test_fashion_count_mismatch(tmp_path, fashion_arrays):
@@ -284,9 +392,9 @@ def test_fashion_label_out_of_range(tmp_path, fashion_arrays):
         load_fashion_mnist(tmp_path)
 
 
-@pytest.mark.skipif(not HAVE_FASHION, reason="apt-get install dataset-fashion-mnist to run")
 @pytest.mark.parametrize(("subset", "n_per_class"), [("train", 6000), ("test", 1000)])
 def test_fashion_real_files(subset, n_per_class):
+    skip_without_fashion_data()
     data = load_fashion_mnist(subset=subset)
     assert data.images.shape == (10 * n_per_class, 28, 28)
     assert data.images.dtype == np.uint8 and data.images.max() == 255
@@ -366,13 +474,23 @@ def test_subsample_all_and_too_many():
 
 # ------------------------------------------------------------------ examples --
 
-def test_docstring_examples_run():
-    finder = doctest.DocTestFinder()
+def docstring_examples() -> dict[str, doctest.DocTest]:
+    """The doctests of skt.datasets by function name, found afresh (running one clears it)."""
+    return {test.name.rsplit(".", 1)[-1]: test
+            for test in doctest.DocTestFinder().find(datasets) if test.examples}
+
+
+def test_every_loader_has_examples():
+    assert sorted(docstring_examples()) == ["load_digits_images", "load_elpv",
+                                            "load_fashion_mnist", "subsample"]
+
+
+@pytest.mark.parametrize("name", sorted(docstring_examples()))
+def test_docstring_examples_run(name, request):
+    if name == "load_elpv":
+        request.getfixturevalue("elpv_installed")  # installed by make test: fail, not skip
+    elif name == "load_fashion_mnist":
+        skip_without_fashion_data()  # a Debian package or a manual download
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-    needs = {"load_elpv": HAVE_ELPV, "load_fashion_mnist": HAVE_FASHION}
-    tests = [t for t in finder.find(datasets)
-             if t.examples and needs.get(t.name.rsplit(".", 1)[-1], True)]
-    assert len(tests) >= 2
-    for test in tests:
-        runner.run(test)
-    assert runner.summarize(verbose=False).failed == 0
+    result = runner.run(docstring_examples()[name])
+    assert result.attempted > 0 and result.failed == 0
