@@ -38,9 +38,9 @@ import torchvision.transforms as T
 from PIL import Image
 
 from skt import FeatureExtractor
+from skt._utils import resolve_num_workers
 from skt.backbones import resolve_backbone
-from skt.extract import default_num_workers, iter_batches
-from skt.images import as_image_list
+from skt.images import as_image_list, iter_batches
 
 WEIGHTS = {"resnet18": None, "mobilenet_v3_large": None, "efficientnet_lite0": "DEFAULT"}
 
@@ -119,7 +119,7 @@ def decode_rate(paths: list[str], batch_size: int) -> float:
     config = resolve_backbone("resnet18", None).preprocessing
     images = as_image_list(paths)
     return timed(lambda: list(iter_batches(images, config, batch_size,
-                                           default_num_workers())), len(paths))
+                                           resolve_num_workers(None))), len(paths))
 
 
 RSS_SCRIPT = """
@@ -159,14 +159,14 @@ def main(argv=None) -> None:
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__} with {torch.get_num_threads()} threads, CPU, "
-          f"{default_num_workers()} decoding threads, batch {args.batch_size}, 224 px, "
+          f"{resolve_num_workers(None)} decoding threads, batch {args.batch_size}, 224 px, "
           f"best of {args.repeats} interleaved rounds")
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         paths = make_photos(folder, args.images)
         print(f"{len(paths)} JPEG files of 500x375 px; skt decode+resize+normalise only: "
               f"{decode_rate(paths, args.batch_size):.0f} img/s on "
-              f"{default_num_workers()} threads")
+              f"{resolve_num_workers(None)} threads")
         header = (f"{'backbone':22s} {'weights':8s} {'naive':>7s} {'torch':>7s} {'onnx':>7s} "
                   f"{'ceiling':>8s} {'default/naive':>14s} {'default/ceiling':>16s}")
         print(header)

@@ -38,7 +38,7 @@ from sklearn.pipeline import make_pipeline
 from threadpoolctl import threadpool_limits
 
 from skt import FeatureExtractor
-from skt.benchmark import HEAD_BLAS_THREADS, format_machine, machine_info
+from skt.bench import HEAD_BLAS_THREADS, format_machine, machine_info
 from skt.datasets import load_elpv, subsample
 
 GRID = {"logisticregression__C": [0.01, 0.1, 1, 10, 100, 1000]}
@@ -81,7 +81,7 @@ def main() -> None:
     print(f"GridSearchCV(Pipeline(FeatureExtractor('efficientnet_lite0', image_size="
           f"{args.image_size}), LogisticRegression()), C in {GRID['logisticregression__C']}, "
           f"cv={FOLDS}): {n_fits} fits on {len(y)} ELPV images (paths, decoded in "
-          f"DataLoader workers); scikit-learn heads with {HEAD_BLAS_THREADS} BLAS thread.")
+          f"threads); scikit-learn heads with {HEAD_BLAS_THREADS} BLAS thread.")
 
     # Load the weights and build the engine (an ONNX export, if that is the engine)
     # before any timing: every variant below reuses them.

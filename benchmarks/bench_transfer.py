@@ -45,7 +45,7 @@ import numpy as np
 from sklearn.utils import Bunch
 
 from skt import FeatureExtractor, load_image_folder
-from skt.benchmark import (
+from skt.bench import (
     Reference,
     compare_with_imagenet,
     feature_input,
@@ -75,7 +75,7 @@ def load_data(args: argparse.Namespace) -> dict:
     if name == "fashion_mnist":
         return _fashion(args)
     if name == "elpv":
-        from skt.demo import REFERENCES
+        from skt.bench.demo import REFERENCES
 
         bunch = load_elpv(return_paths=True)
         bunch = subsample(bunch, args.images, random_state=args.seed) if args.images else bunch

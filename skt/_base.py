@@ -1,9 +1,10 @@
-"""What skt's estimators share: image-input tags and pickles without runtime state."""
+"""What skt's estimators share: their common parameters, image-input tags, runtime state."""
 
 from __future__ import annotations
 
 import os
 from numbers import Integral, Real
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -35,10 +36,13 @@ class ImageEstimatorMixin:
     Put it first among the bases, so that its tags apply on top of
     scikit-learn's ``TransformerMixin`` / ``ClassifierMixin`` tags.
 
-    Pickles hold the network on the CPU (so one fitted on a GPU loads on a
-    machine without it) and none of the per-process engines; when the weights
-    can be rebuilt by name (``_rebuildable``), the network is left out too.
+    Each class lists in ``_runtime_attributes`` the state it builds per
+    process (engines, device copies of networks, thread pools), as skorch
+    lists its device-dependent attributes: pickles hold None in their
+    place, so the state is rebuilt on first use on the new machine.
     """
+
+    _runtime_attributes: ClassVar[tuple[str, ...]] = ()
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -50,10 +54,8 @@ class ImageEstimatorMixin:
         return tags
 
     def __getstate__(self):
-        state = super().__getstate__()
-        state["_runtime"] = None
-        if state.get("_rebuildable"):
-            state["model_"] = None  # rebuilt by name on first use: weights stay out of pickles
-        elif state.get("model_") is not None:
-            state["model_"] = state["model_"].cpu()
+        state = dict(super().__getstate__())  # on Python >= 3.11, the live __dict__ itself
+        for name in self._runtime_attributes:
+            if name in state:
+                state[name] = None
         return state

@@ -1,5 +1,10 @@
 """A content-addressed, process-safe store of per-image layer summaries.
 
+Three parts: content fingerprints of images (:func:`fingerprint`) and of
+networks (:func:`fingerprint_module`); the store (:class:`FeatureCache`);
+and its lookup/fill protocol (:meth:`FeatureCache.serve`): read what is
+there, compute the rest under a lock, write it back.
+
 Layout under the cache directory::
 
     skt-features/v<FORMAT>/<config>/config.json          what <config> describes
@@ -9,7 +14,7 @@ Layout under the cache directory::
 the backbone, a hash of its actual weights, every preprocessing setting and
 the compute dtype. ``<layer>`` hashes the layer name and the summary kind
 (pooling statistics, or the whole map for ``pooling="flatten"``). ``<image>``
-hashes the image content (see :func:`skt.images.fingerprint`). Any change in
+hashes the image content (see :func:`fingerprint`). Any change in
 these misses, so nothing stale is returned.
 
 Entries read or written by this process also stay in memory, up to
@@ -29,23 +34,101 @@ import io
 import json
 import os
 import shutil
-import threading
-import uuid
+import sys
 import warnings
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-__all__ = ["FORMAT_VERSION", "FeatureCache", "cache_info", "clear_cache", "default_cache_dir",
+from skt._utils import LRU, atomic_write
+
+__all__ = ["FORMAT_VERSION", "MEMORY_BUDGET", "FeatureCache", "cache_info", "clear_cache",
+           "default_cache_dir", "fingerprint", "fingerprint_module", "forget_memory",
            "open_cache"]
 
 FORMAT_VERSION = 1
+MEMORY_BUDGET = 256 * 2**20
+"""Bytes of entries this process keeps in memory, least recently used first out.
+
+Entries are content-addressed and never change once written, so a copy in
+memory cannot go stale; it saves the file read and checksum on each of the
+dozens of fits of a grid search."""
 _ROOT = "skt-features"
 _CHECKSUM = 16
+_MEMORY = LRU(max_bytes=MEMORY_BUDGET, size_of=lambda array: array.nbytes)
+# A file whose path, inode, size and nanosecond modification time are unchanged
+# keeps its hash within a process: GridSearchCV asks for it dozens of times.
+_FILE_HASHES = LRU(max_items=1_000_000)
 
+
+# ----------------------------------------------------------- fingerprints --
+
+def _file_fingerprint(path: str | os.PathLike) -> str:
+    stat = os.stat(path)
+    identity = (os.fspath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+    def digest_file() -> str:
+        digest = hashlib.blake2b(b"file", digest_size=16)
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    return _FILE_HASHES.get_or_make(identity, digest_file)
+
+
+def _is_tensor(item: Any) -> bool:
+    torch = sys.modules.get("torch")  # a tensor can only exist once torch is imported
+    return torch is not None and torch.is_tensor(item)
+
+
+def fingerprint(item: Any) -> str:
+    """Content hash of one image: file bytes for paths, pixels otherwise.
+
+    Paths are keyed by content rather than by name and modification time, so a
+    file rewritten in place never returns stale features, and copies or moved
+    files still hit. A process remembers the hash of a file until its inode,
+    size or modification time changes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skt.cache import fingerprint
+    >>> a = np.zeros((4, 4), dtype=np.uint8)
+    >>> fingerprint(a) == fingerprint(a.copy()), fingerprint(a) == fingerprint(a + 1)
+    (True, False)
+    """
+    if isinstance(item, str | os.PathLike):
+        return _file_fingerprint(item)
+    digest = hashlib.blake2b(digest_size=16)
+    if isinstance(item, Image.Image):
+        digest.update(f"pil|{item.mode}|{item.size}".encode())
+        digest.update(item.tobytes())
+    else:
+        tensor = _is_tensor(item)
+        array = np.ascontiguousarray(item.detach().cpu().numpy() if tensor else item)
+        digest.update(f"array|{'chw' if tensor else 'hwc'}|{array.dtype}|{array.shape}".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
+
+
+def fingerprint_module(module: Any) -> str:
+    """Content hash of a torch module's parameters and buffers (names, dtypes, values)."""
+    import torch
+
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(type(module).__qualname__.encode())
+    for name, tensor in module.state_dict().items():
+        value = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------ store --
 
 def _hash(*parts: Any) -> str:
     text = json.dumps(parts, sort_keys=True, default=str)
@@ -81,41 +164,8 @@ def open_cache(cache: Any) -> FeatureCache | None:
     return None if location is None else FeatureCache(location)
 
 
-class _MemoryLayer:
-    """Recently read or written entries of this process, up to a byte budget.
-
-    Entries are content-addressed and never change once written, so a copy in
-    memory cannot go stale; it saves the file read and checksum on each of the
-    dozens of fits of a grid search.
-    """
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.size = 0
-        self.items: OrderedDict[str, np.ndarray] = OrderedDict()
-        self.lock = threading.Lock()
-
-    def get(self, key: str) -> np.ndarray | None:
-        with self.lock:
-            value = self.items.get(key)
-            if value is not None:
-                self.items.move_to_end(key)
-            return value
-
-    def put(self, key: str, value: np.ndarray) -> None:
-        value = np.array(value, copy=True)
-        value.flags.writeable = False
-        with self.lock:
-            if key in self.items:
-                return
-            self.items[key] = value
-            self.size += value.nbytes
-            while self.size > self.budget and self.items:
-                self.size -= self.items.popitem(last=False)[1].nbytes
-
-
-MEMORY_BUDGET = 256 * 2**20
-_MEMORY = _MemoryLayer(MEMORY_BUDGET)
+Compute = Callable[[list[int]], Iterable[tuple[Sequence[int], Sequence[np.ndarray]]]]
+Emit = Callable[[Sequence[int], Sequence[np.ndarray]], None]
 
 
 class FeatureCache:
@@ -135,17 +185,13 @@ class FeatureCache:
         key = _hash(description)
         folder = self.root / key
         if not (folder / "config.json").exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            self._atomic_write(folder / "config.json",
-                               json.dumps(description, indent=1, default=str).encode())
+            atomic_write(folder / "config.json",
+                         json.dumps(description, indent=1, default=str).encode())
         return key
 
     def layer_folder(self, config: str, layer: str, kind: str) -> Path:
         """Folder of one layer's entries; an image's entry is ``<folder>/<ab>/<image>``."""
         return self.root / config / _hash(layer, kind)
-
-    def path(self, config: str, layer: str, kind: str, image: str) -> Path:
-        return self.layer_folder(config, layer, kind) / image[:2] / image
 
     def load(self, path: Path) -> np.ndarray | None:
         """The entry at ``path``, or None when it is missing or damaged."""
@@ -163,7 +209,7 @@ class FeatureCache:
             except ValueError:
                 pass
             else:
-                _MEMORY.put(str(path), array)
+                _remember(path, array)
                 return array
         warnings.warn(f"Discarding damaged feature-cache entry {path}; it will be recomputed.",
                       RuntimeWarning, stacklevel=2)
@@ -175,19 +221,8 @@ class FeatureCache:
         buffer = io.BytesIO()
         np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
         payload = buffer.getvalue()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._atomic_write(path, payload + _checksum(payload))
-        _MEMORY.put(str(path), array)
-
-    @staticmethod
-    def _atomic_write(path: Path, data: bytes) -> None:
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-        try:
-            temporary.write_bytes(data)
-            os.replace(temporary, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                temporary.unlink()
+        atomic_write(path, payload + _checksum(payload))
+        _remember(path, array)
 
     @contextlib.contextmanager
     def lock(self, config: str) -> Iterator[None]:
@@ -210,12 +245,65 @@ class FeatureCache:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    def serve(self, description: dict[str, Any], layers: Sequence[tuple[str, str]],
+              keys: Sequence[str], compute: Compute, emit: Emit) -> None:
+        """Hand every item's per-layer summaries to ``emit``, computing only what is missing.
+
+        Parameters
+        ----------
+        description : dict
+            What the configuration is (see :meth:`config_key`).
+        layers : sequence of (name, kind)
+            The layers, in the order of ``compute``'s and ``emit``'s lists.
+        keys : sequence of str
+            :func:`fingerprint` of each item.
+        compute : callable
+            ``compute(indices)`` yields ``(rows, summaries)``: item indices and,
+            per layer, an array with one row per index.
+        emit : callable
+            ``emit(rows, summaries)``, the same shape, called for cached hits
+            (stacked, one call) and for every computed batch.
+
+        Missing items are computed under the configuration's lock, after a
+        second look: another process may have filled them meanwhile.
+        """
+        config = self.config_key(description)
+        folders = [self.layer_folder(config, name, kind) for name, kind in layers]
+        paths = [[folder / key[:2] / key for folder in folders] for key in keys]
+
+        def read(indices: Iterable[int]) -> list[int]:
+            missing, hits, found = [], [], []
+            for i in indices:
+                entries = [self.load(path) for path in paths[i]]
+                if any(entry is None for entry in entries):
+                    missing.append(i)
+                else:
+                    hits.append(i)
+                    found.append(entries)
+            if hits:  # one numpy call per layer, not per image
+                emit(hits, [np.stack(layer) for layer in zip(*found, strict=True)])
+            return missing
+
+        missing = read(range(len(keys)))
+        if not missing:
+            return
+        with self.lock(config):
+            for rows, summaries in compute(read(missing)):
+                for j, i in enumerate(rows):
+                    for path, summary in zip(paths[i], summaries, strict=True):
+                        self.save(path, summary[j])
+                emit(rows, summaries)
+
+
+def _remember(path: Path, array: np.ndarray) -> None:
+    array = np.array(array, copy=True)
+    array.flags.writeable = False
+    _MEMORY.put(str(path), array)
+
 
 def forget_memory() -> None:
     """Drop the in-memory copies of entries (files on disk are untouched)."""
-    with _MEMORY.lock:
-        _MEMORY.items.clear()
-        _MEMORY.size = 0
+    _MEMORY.clear()
 
 
 def _checksum(payload: bytes) -> bytes:

@@ -159,7 +159,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from skt.demo import run_demo
+    from skt.bench.demo import run_demo
 
     run_demo(quick=args.quick, output=args.output)
 

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
 import sys
-import threading
-from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import asdict
 from numbers import Integral
 from pathlib import Path
@@ -23,46 +19,18 @@ from tqdm.auto import tqdm
 
 from skt._base import BACKBONE_CONSTRAINTS, RUNTIME_CONSTRAINTS, ImageEstimatorMixin
 from skt._sklearn import Interval, StrOptions, _fit_context
+from skt._utils import LRU, resolve_num_workers
 from skt._version import __version__
 from skt.backbones import Backbone, check_layers, layer_names, resolve_backbone
-from skt.cache import FORMAT_VERSION, default_cache_dir, open_cache
-from skt.extract import (
-    build_feature_model,
-    default_num_workers,
-    fingerprint_module,
-    iter_batches,
-    make_engine,
-    resolve_device,
-)
-from skt.images import as_image_list, fingerprint
-from skt.pooling import POOLINGS, feature_names, pool
+from skt.cache import FORMAT_VERSION, default_cache_dir, fingerprint_module, open_cache
+from skt.extract import FeatureRuntime, extract_into, resolve_device
+from skt.images import as_image_list
+from skt.pooling import POOLINGS
 
 __all__ = ["FeatureExtractor"]
 
-
-class _Recent:
-    """A small least-recently-used map, safe to share between threads."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.items: OrderedDict = OrderedDict()
-        self.lock = threading.Lock()
-
-    def get(self, key, make):
-        with self.lock:
-            if key in self.items:
-                self.items.move_to_end(key)
-                return self.items[key]
-        value = make()
-        with self.lock:
-            self.items[key] = value
-            while len(self.items) > self.size:
-                self.items.popitem(last=False)
-        return value
-
-
-_BACKBONES = _Recent(2)  # resolved networks, shared read-only by fitted extractors
-_RUNTIMES = _Recent(4)  # truncated networks ready to run, per layer/pooling/device
+_BACKBONES = LRU(max_items=2)  # resolved networks, shared read-only by fitted extractors
+_RUNTIMES = LRU(max_items=4)  # truncated networks ready to run, per layer/pooling/device
 
 
 def _hash_layout(layout) -> str:
@@ -125,9 +93,12 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         ``"auto"`` picks CUDA, then MPS, then the CPU. A fitted extractor
         loaded on a machine without the device it names falls back to the CPU.
     num_workers : int or None, default=None
-        DataLoader worker processes that decode image files while the network
-        runs; None picks one per core (up to 4), 0 decodes in the main process.
-        In-memory arrays and short lists are always prepared in the main process.
+        Threads that decode and resize image files, up to two batches ahead,
+        while the network runs (PIL, torch and ONNX Runtime release the GIL;
+        threads, unlike processes, cost nothing to start on each of the dozens
+        of ``transform`` calls of a grid search). None means one per core, up
+        to 4; 0 decodes in the calling thread. In-memory arrays and lists no
+        longer than one batch are always prepared in the calling thread.
     cache : str, path, joblib.Memory or None, default=None
         Directory of a feature cache (see :mod:`skt.cache`): each image goes
         through the backbone at most once per configuration and layer, across
@@ -156,7 +127,7 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         The backbone network (classifier included), on the CPU.
     weights_ : str or None
         The weights that were loaded, e.g. ``"efficientnet_lite0.IMAGENET1K_V1"``.
-    preprocessing_ : skt.backbones.Preprocessing
+    preprocessing_ : skt.images.Preprocessing
         Resize, crop size, interpolation, mean and std in use.
     layers_ : list of str
         Layer names, ``["pre_logits"]`` for the default.
@@ -188,11 +159,13 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         "engine": [StrOptions({"auto", "torch", "onnx"})],
         "dtype": [StrOptions({"float16", "bfloat16"}), None],
     }
+    _runtime_attributes: ClassVar[tuple[str, ...]] = ("_runtime",)
 
     def __init__(
         self,
         backbone="efficientnet_lite0",
         weights="DEFAULT",
+        *,
         layers=None,
         pooling="avg",
         image_size=None,
@@ -223,6 +196,12 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
 
+    def __getstate__(self):
+        state = super().__getstate__()
+        if state.get("_rebuildable"):
+            state["model_"] = None  # rebuilt by name on first use: weights stay out of pickles
+        return state
+
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
         """Load the backbone and work out the output layout.
@@ -231,11 +210,13 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         ----------
         X : images
             Checked for type and shape only; not decoded.
-        y : ignored
+        y : None
+            Ignored; present for API consistency.
 
         Returns
         -------
         self : FeatureExtractor
+            The fitted extractor.
         """
         as_image_list(X)
         resolve_device(self.device)  # fail now, not mid-transform, on a missing device
@@ -244,12 +225,14 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         self.model_ = backbone.model
         self.weights_ = backbone.weights
         self.preprocessing_ = backbone.preprocessing
+        self._classifier = backbone.classifier
         self._rebuildable = backbone.rebuildable
         self._runtime = None
         runtime = self._get_runtime()
-        self._layout = runtime["layout"]
-        self.n_features_out_ = sum(len(self._names(layer)) for layer in self._layout)
-        self.engine_ = runtime["engine"].name
+        self._layout = runtime.layout
+        self.n_features_out_ = sum(len(layer.feature_names(self.pooling))
+                                   for layer in self._layout)
+        self.engine_ = runtime.engine.name
         if self.verbose:
             print(f"skt: {self._label()} with the {self.engine_} engine on "
                   f"{resolve_device(self.device, fallback=True)}", file=sys.stderr)
@@ -272,10 +255,7 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
             return backbone, fingerprint_module(backbone.model), layer_names(backbone.model)[0]
 
         key = _backbone_key(self.get_params())
-        return make() if key is None else _BACKBONES.get(key, make)
-
-    def _names(self, layer) -> list[str]:
-        return feature_names(layer.name, layer.kind, self.pooling, layer.width)
+        return make() if key is None else _BACKBONES.get_or_make(key, make)
 
     def _get_model(self) -> nn.Module:
         if self.model_ is None:  # unpickled without weights: rebuild them by name
@@ -288,28 +268,24 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
             self.model_ = backbone.model
         return self.model_
 
-    def _get_runtime(self) -> dict:
+    def _get_runtime(self) -> FeatureRuntime:
         """The feature model and engine for this process (rebuilt after unpickling)."""
         if self._runtime is None:
             device = resolve_device(self.device, fallback=True)
 
             def make():
-                feature_model, layout = build_feature_model(
-                    copy.deepcopy(self._get_model()), self.preprocessing_.crop_size,
-                    self.layers_, self.pooling,
-                )
-                engine = make_engine(feature_model, self.engine, device,
-                                     self.preprocessing_.crop_size, self.dtype,
-                                     self._onnx_path(layout))
-                return {"layout": layout, "engine": engine}
+                return FeatureRuntime(self._get_model(), self._classifier, self.preprocessing_,
+                                      self.layers_, self.pooling, device=device,
+                                      engine=self.engine, dtype=self.dtype,
+                                      graph_path=self._graph_path)
 
             # Every pooling but "flatten" runs the same graph: its summaries serve them all.
             key = (self._fingerprint, tuple(self.layers_), self.pooling == "flatten",
                    self.preprocessing_.crop_size, str(device), self.dtype, self.engine)
-            self._runtime = _RUNTIMES.get(key, make)
+            self._runtime = _RUNTIMES.get_or_make(key, make)
         return self._runtime
 
-    def _onnx_path(self, layout) -> Path | None:
+    def _graph_path(self, layout) -> Path | None:
         """Where the exported graph lives: the feature cache, else skt's own cache folder.
 
         Exporting takes seconds, so the graph is kept on disk, keyed by the
@@ -320,69 +296,6 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
             return None
         config = cache.config_key(self._cache_description())
         return cache.root / config / f"graph-{_hash_layout(layout)}.onnx"
-
-    def transform(self, X):
-        """Features of each image, one row per image.
-
-        Parameters
-        ----------
-        X : images
-            File paths, PIL images, arrays or tensors (see :mod:`skt.images`).
-
-        Returns
-        -------
-        ndarray of shape (n_samples, n_features_out_), dtype float32
-        """
-        check_is_fitted(self)
-        images = as_image_list(X)
-        out = np.empty((len(images), self.n_features_out_), dtype=np.float32)
-        self.transform_into(images, out)
-        return out
-
-    def transform_into(self, X, out: np.ndarray) -> np.ndarray:
-        """Write the features of ``X`` into ``out``, batch by batch, and return it.
-
-        ``out`` may be a ``numpy.memmap`` of shape ``(n_samples, n_features_out_)``:
-        only one batch of pixels and features is in memory at a time, so
-        millions of images can be extracted to disk (``skt extract`` does this).
-        """
-        check_is_fitted(self)
-        images = as_image_list(X)
-        if out.shape != (len(images), self.n_features_out_):
-            raise ValueError(f"out has shape {out.shape}; expected "
-                             f"{(len(images), self.n_features_out_)}.")
-        cache = open_cache(self.cache)
-        with tqdm(total=len(images), disable=not self.verbose, unit="img",
-                  desc=f"skt {self._label()}") as progress:
-            if cache is None:
-                self._forward_into(out, images, range(len(images)), progress)
-            else:
-                self._cached_into(out, images, cache, progress)
-        return out
-
-    def _pool_into(self, out: np.ndarray, rows, summaries: Sequence[np.ndarray]) -> None:
-        start = 0
-        for layer, summary in zip(self._layout, summaries, strict=True):
-            pooled = pool(summary, layer.kind, self.pooling)
-            out[rows, start:start + pooled.shape[1]] = pooled
-            start += pooled.shape[1]
-
-    def _forward(self, images, indices):
-        """Yield ``(rows, summaries)`` for the images at ``indices``, batch by batch."""
-        runtime = self._get_runtime()
-        workers = default_num_workers() if self.num_workers is None else self.num_workers
-        indices = list(indices)
-        start = 0
-        for batch in iter_batches(images, self.preprocessing_, self.batch_size, workers,
-                                  indices):
-            rows = indices[start:start + len(batch)]
-            start += len(batch)
-            yield rows, runtime["engine"](batch)
-
-    def _forward_into(self, out, images, indices, progress) -> None:
-        for rows, summaries in self._forward(images, indices):
-            self._pool_into(out, rows, summaries)
-            progress.update(len(rows))
 
     def _cache_description(self) -> dict:
         return {
@@ -396,45 +309,73 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
             "dtype": self.dtype,
         }
 
-    def _cached_into(self, out, images, cache, progress) -> None:
-        config = cache.config_key(self._cache_description())
-        folders = [cache.layer_folder(config, layer.name, layer.kind) for layer in self._layout]
-        keys = [fingerprint(images[i]) for i in range(len(images))]
-        paths = [[folder / key[:2] / key for folder in folders] for key in keys]
+    def transform(self, X):
+        """Features of each image, one row per image.
 
-        def read(indices):
-            missing, hits, found = [], [], []
-            for i in indices:
-                entries = [cache.load(path) for path in paths[i]]
-                if any(entry is None for entry in entries):
-                    missing.append(i)
-                else:
-                    hits.append(i)
-                    found.append(entries)
-            if hits:  # pooled together: one numpy call per layer, not per image
-                self._pool_into(out, hits, [np.stack(layer) for layer in zip(*found, strict=True)])
-                progress.update(len(hits))
-            return missing
-
-        missing = read(range(len(images)))
-        if not missing:
-            return
-        with cache.lock(config):
-            missing = read(missing)  # another process may have filled them meanwhile
-            for rows, summaries in self._forward(images, missing):
-                for j, i in enumerate(rows):
-                    for path, summary in zip(paths[i], summaries, strict=True):
-                        cache.save(path, summary[j])
-                self._pool_into(out, rows, summaries)
-                progress.update(len(rows))
-
-    def get_feature_names_out(self, input_features=None):
-        """Column names: ``<layer>_<pooling>_<i>``, or ``<layer>_<i>`` for vectors.
+        Parameters
+        ----------
+        X : images
+            File paths, PIL images, arrays or tensors (see :mod:`skt.images`).
 
         Returns
         -------
-        ndarray of str
+        X_new : ndarray of shape (n_samples, n_features_out_), dtype float32
+            Row ``i`` holds the features of image ``i``.
         """
         check_is_fitted(self)
-        return np.asarray([name for layer in self._layout for name in self._names(layer)],
-                          dtype=object)
+        images = as_image_list(X)
+        out = np.empty((len(images), self.n_features_out_), dtype=np.float32)
+        return self.transform_into(images, out)
+
+    def transform_into(self, X, out: np.ndarray) -> np.ndarray:
+        """Write the features of ``X`` into ``out``, batch by batch, and return it.
+
+        ``out`` may be a ``numpy.memmap`` of shape ``(n_samples, n_features_out_)``:
+        only one batch of pixels and features is in memory at a time, so
+        millions of images can be extracted to disk (``skt extract`` does this).
+
+        Parameters
+        ----------
+        X : images
+            File paths, PIL images, arrays or tensors (see :mod:`skt.images`).
+        out : ndarray of shape (n_samples, n_features_out_)
+            Any writable float array, e.g. a ``numpy.memmap``.
+
+        Returns
+        -------
+        out : ndarray
+            ``out``, filled.
+        """
+        check_is_fitted(self)
+        images = as_image_list(X)
+        if out.shape != (len(images), self.n_features_out_):
+            raise ValueError(f"out has shape {out.shape}; expected "
+                             f"{(len(images), self.n_features_out_)}.")
+        with tqdm(total=len(images), disable=not self.verbose, unit="img",
+                  desc=f"skt {self._label()}") as progress:
+            extract_into(out, images, self._get_runtime(), self.pooling,
+                         batch_size=self.batch_size,
+                         num_workers=resolve_num_workers(self.num_workers),
+                         cache=open_cache(self.cache), description=self._cache_description(),
+                         progress=progress)
+        return out
+
+    def get_feature_names_out(self, input_features=None):
+        """Get output feature names for transformation.
+
+        Parameters
+        ----------
+        input_features : array-like of str or None, default=None
+            Ignored: images have no input feature names. Accepted so that
+            ``Pipeline`` and ``ColumnTransformer`` can ask every step alike.
+
+        Returns
+        -------
+        feature_names_out : ndarray of str objects
+            ``<layer>_<pooling>_<i>`` per pooled channel (``avgmax`` gives
+            ``<layer>_avg_<i>`` then ``<layer>_max_<i>``), or ``<layer>_<i>``
+            for outputs used as they are (already pooled, or flattened).
+        """
+        check_is_fitted(self)
+        return np.asarray([name for layer in self._layout
+                           for name in layer.feature_names(self.pooling)], dtype=object)

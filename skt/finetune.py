@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import json
 import os
@@ -23,128 +22,40 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd
 
 from skt._base import BACKBONE_CONSTRAINTS, RUNTIME_CONSTRAINTS, ImageEstimatorMixin
 from skt._sklearn import Interval, StrOptions, _fit_context
-from skt._training import (
-    FreezePlan,
+from skt._utils import resolve_num_workers
+from skt.backbones import PRE_LOGITS, Backbone, resolve_backbone
+from skt.cache import fingerprint, fingerprint_module
+from skt.extract import FeatureRuntime, extract_into, resolve_device
+from skt.extractor import FeatureExtractor
+from skt.images import as_image_list
+from skt.training import (
+    Callback,
+    Checkpoint,
+    EarlyStopping,
     ImageBatches,
+    ProgressBar,
     TrainingLoop,
     TrainingState,
-    WarmupSchedule,
-    frozen_copy,
     load_checkpoint,
-    matches,
     read_checkpoint,
 )
-from skt.backbones import PRE_LOGITS, classifier_name, resolve_backbone
-from skt.extract import (
-    TorchEngine,
-    build_feature_model,
-    default_num_workers,
-    fingerprint_module,
-    iter_batches,
-    resolve_device,
-)
-from skt.extractor import FeatureExtractor
-from skt.images import as_image_list, fingerprint
-from skt.pooling import feature_names, pool
 
-__all__ = ["FineTuneClassifier", "list_stages"]
+__all__ = ["FineTuneClassifier"]
 
-# Containers whose children are the blocks of the trunk (torchvision, skt, timm).
-_TRUNKS = ("features", "blocks")
 # Parameters that change how a fit runs, not what it computes: a checkpoint
 # written under one value resumes under another.
 _RUNTIME_PARAMS = ("checkpoint", "device", "num_workers", "verbose", "warm_start")
 
 
-def _width(module: nn.Module) -> int | None:
-    """Output channels of a block: those of its last convolution, norm or linear layer."""
-    width = None
-    for layer in module.modules():
-        if isinstance(layer, _ConvNd):
-            width = layer.out_channels
-        elif isinstance(layer, _BatchNorm):
-            width = layer.num_features
-        elif isinstance(layer, nn.GroupNorm):
-            width = layer.num_channels
-        elif isinstance(layer, nn.LayerNorm):
-            width = layer.normalized_shape[-1]
-        elif isinstance(layer, nn.Linear):
-            width = layer.out_features
-    return width
-
-
-def _group_by_width(prefix: str, trunk: nn.Module) -> list[tuple[str, ...]]:
-    groups: list[tuple[str, ...]] = []
-    last = None
-    for name, block in trunk.named_children():
-        if not any(True for _ in block.parameters()):
-            continue
-        width = _width(block)
-        if groups and width == last:
-            groups[-1] += (f"{prefix}.{name}",)
-        else:
-            groups.append((f"{prefix}.{name}",))
-        last = width
-    return groups
-
-
-def _stages(model: nn.Module, head: str) -> list[tuple[str, ...]]:
-    head_params = {f"{head}.{name}" for name, _ in model.get_submodule(head).named_parameters()}
-
-    def trains(prefix: str, module: nn.Module) -> bool:
-        return any(f"{prefix}.{name}" not in head_params for name, _ in module.named_parameters())
-
-    stages: list[tuple[str, ...]] = []
-    run: list[str] = []  # consecutive single layers, e.g. a stem convolution and its norm
-    for name, child in model.named_children():
-        is_layer = not any(True for _ in child.children())
-        if trains(name, child) and is_layer:
-            run.append(name)
-            continue
-        if run:
-            stages.append(tuple(run))
-            run = []
-        if not trains(name, child):
-            continue
-        if name in _TRUNKS and isinstance(child, nn.Sequential | nn.ModuleList):
-            stages.extend(_group_by_width(name, child))
-        else:
-            stages.append((name,))
-    if run:
-        stages.append(tuple(run))
-    direct = tuple(name for name, _ in model.named_parameters(recurse=False))
-    if direct:
-        stages = [direct + stages[0], *stages[1:]] if stages else [direct]
-    return stages
-
-
-def list_stages(backbone: str | nn.Module) -> list[tuple[str, ...]]:
-    """The stages that ``freeze=<int>`` counts, input side first, as module names.
-
-    A stage is a top-level child of the network holding parameters, in
-    registration order (the forward order for torchvision and skt networks),
-    with three refinements: the blocks of a trunk container named
-    ``features`` or ``blocks`` are stages themselves, consecutive blocks of
-    the same output width forming one stage; consecutive single layers (a stem
-    convolution and its norm) form one stage; the classifier is not a stage.
-
-    Examples
-    --------
-    >>> from skt.finetune import list_stages
-    >>> list_stages("resnet18")
-    [('conv1', 'bn1'), ('layer1',), ('layer2',), ('layer3',), ('layer4',)]
-    >>> len(list_stages("efficientnet_lite0"))  # stem, 7 block stages, head convolution
-    9
-    """
-    model = resolve_backbone(backbone, weights=None).model
-    head = classifier_name(model)
-    if head is None:
-        raise _no_classifier(backbone)
-    return _stages(model, head)
+def _describe_param(value):
+    if isinstance(value, nn.Module):
+        return f"module:{fingerprint_module(value)}"
+    if isinstance(value, np.random.RandomState):
+        return "RandomState"
+    return repr(value)
 
 
 def _no_classifier(backbone) -> ValueError:
@@ -156,36 +67,19 @@ def _no_classifier(backbone) -> ValueError:
     )
 
 
-def _describe_param(value):
-    if isinstance(value, nn.Module):
-        return f"module:{fingerprint_module(value)}"
-    if isinstance(value, np.random.RandomState):
-        return "RandomState"
-    return repr(value)
-
-
-class _Logits(nn.Module):
-    """A classifier's logits as a one-tensor tuple, the output :class:`TorchEngine` reads."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
-        return (self.model(x),)
-
-
 class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin, TrainingLoop,
                          BaseEstimator):
     """Fine-tune a pretrained CNN end to end as a scikit-learn classifier.
 
     The backbone, its weights and its preprocessing are resolved exactly as
-    in :class:`skt.FeatureExtractor`. The network's final ``nn.Linear`` is
-    replaced by a new one with one output per class seen in ``fit``; the
-    whole network (less what ``freeze`` holds) then trains with cross-entropy.
-    The loop is :class:`skt._training.TrainingLoop`: a subclass can override
+    in :class:`skt.FeatureExtractor`. The network's classifier (declared per
+    backbone family; for a user module, its last ``nn.Linear``) is replaced
+    by a new one with one output per class seen in ``fit``; the whole network
+    (less what ``freeze`` holds) then trains with cross-entropy. The loop is
+    :class:`skt.training.TrainingLoop`: a subclass can override
     ``train_step``, ``get_loss``, ``train_epoch``, ``validation_step`` and the
-    other steps one at a time.
+    other steps one at a time; :class:`skt.training.Callback` objects passed
+    as ``callbacks`` act on named events around them.
 
     **BatchNorm.** Frozen BatchNorm layers stay in eval mode, with their
     pretrained statistics. With ``batchnorm="auto"`` so do layers that train
@@ -239,7 +133,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         phase of "onecycle").
     freeze : None, int, "all", str or list of str, default=None
         What of the backbone does not train. An int freezes that many stages
-        from the input side (:func:`list_stages` lists them); ``"all"``
+        from the input side (:func:`skt.list_stages` lists them); ``"all"``
         freezes the whole backbone, a linear probe trained by gradient
         descent; a string or list of strings freezes the parameters whose
         names match these ``fnmatch`` patterns (``"layer1"``, ``"*.bn*"``).
@@ -280,7 +174,8 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
     early_stopping : bool, default=False
         Hold out ``validation_fraction`` of the images (stratified), score
         accuracy after each epoch, stop after ``n_iter_no_change`` epochs
-        without improvement and restore the best epoch's weights.
+        without improvement and restore the best epoch's weights (the
+        :class:`skt.training.EarlyStopping` callback).
     validation_fraction : float, default=0.1
         Share of images held out for early stopping.
     n_iter_no_change : int, default=3
@@ -289,8 +184,10 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         Continue from the fitted network for ``max_iter`` more epochs (with a
         fresh optimiser and schedule) instead of starting again.
     checkpoint : str or path, optional
-        File written atomically at the end of each epoch with the network,
-        optimiser, scheduler, epoch and random-number states. ``fit`` with the
+        File written atomically at the end of each epoch (the
+        :class:`skt.training.Checkpoint` callback) with the network,
+        optimiser, scheduler, history, callbacks' and random-number states.
+        ``fit`` with the
         same parameters and data resumes from it and, on the CPU, ends with the
         same weights as an uninterrupted run; a checkpoint of a finished fit
         is simply loaded. One written by another configuration is replaced,
@@ -298,14 +195,23 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
     device : str or torch.device, default="auto"
         ``"auto"`` picks CUDA, then MPS, then the CPU. A fitted classifier
         loaded on a machine without that device predicts on the CPU.
-    num_workers : int or None, default=0
-        DataLoader workers decoding image files; None picks one per core.
+    callbacks : list of skt.training.Callback, optional
+        Called on ``on_train_begin``, ``on_epoch_begin``, ``on_batch_end``,
+        ``on_epoch_end`` and ``on_train_end``, after the built-in progress
+        bar and early stopping and before the checkpoint. Each fit uses fresh
+        copies; the list itself is never changed.
+    num_workers : int or None, default=None
+        Threads that decode and resize image files (for training, validation
+        and prediction) while the network runs. None means one per core, up
+        to 4; 0 decodes in the calling thread. Results do not depend on it:
+        each image's augmentation has a seed of its own.
     random_state : int, RandomState or None, default=None
         Seeds the initialisation, the validation split, shuffling,
         augmentation and dropout: the same int gives bit-identical results
         on the CPU.
     verbose : int, default=0
-        1 shows a progress bar per epoch with the loss and validation score.
+        1 shows a progress bar per epoch with the loss and validation score
+        (the :class:`skt.training.ProgressBar` callback).
 
     Attributes
     ----------
@@ -317,12 +223,15 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
     weights_ : str or None
         The pretrained weights fine-tuning started from, e.g.
         ``"efficientnet_lite0.IMAGENET1K_V1"``.
-    preprocessing_ : skt.backbones.Preprocessing
+    preprocessing_ : skt.images.Preprocessing
         Resize, crop, interpolation, mean and std in use.
     n_iter_ : int
         Epochs run, over all ``warm_start`` fits.
     loss_curve_ : list of float
         Mean training loss (regulariser included) of each epoch.
+    history_ : list of dict
+        One row per epoch, over all ``warm_start`` fits: ``epoch``,
+        ``train_loss``, ``valid_score`` and what callbacks added.
     validation_scores_ : list of float or None
         Validation accuracy of each epoch; None without early stopping.
     best_validation_score_ : float or None
@@ -334,7 +243,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
     Examples
     --------
     >>> import numpy as np
-    >>> from skt.finetune import FineTuneClassifier
+    >>> from skt import FineTuneClassifier
     >>> rng = np.random.default_rng(0)
     >>> X = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     >>> X[8:, :, :16] = 255  # class "b" has a bright left half
@@ -348,6 +257,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
     >>> clf.transform(X[:2]).shape  # penultimate features of the fine-tuned network
     (2, 512)
     """
+
 
     _parameter_constraints: ClassVar[dict] = {
         **BACKBONE_CONSTRAINTS,
@@ -374,7 +284,9 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
         "warm_start": ["boolean"],
         "checkpoint": [str, os.PathLike, None],
+        "callbacks": [list, tuple, None],
     }
+    _runtime_attributes: ClassVar[tuple[str, ...]] = ("_runtime",)
 
     def __init__(
         self,
@@ -406,8 +318,9 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         n_iter_no_change=3,
         warm_start=False,
         checkpoint=None,
+        callbacks=None,
         device="auto",
-        num_workers=0,
+        num_workers=None,
         random_state=None,
         verbose=0,
     ):
@@ -438,6 +351,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         self.n_iter_no_change = n_iter_no_change
         self.warm_start = warm_start
         self.checkpoint = checkpoint
+        self.callbacks = callbacks
         self.device = device
         self.num_workers = num_workers
         self.random_state = random_state
@@ -459,6 +373,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         Returns
         -------
         self : FineTuneClassifier
+            The fitted classifier.
         """
         images = as_image_list(X)
         labels, classes = self._check_y(y, len(images))
@@ -469,6 +384,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
                 f"warm_start=True continues a fit with classes {self.classes_.tolist()}, but y "
                 f"has classes {classes.tolist()}. Pass the same classes, or warm_start=False.")
         self._check_regularization()
+        user_callbacks = self._check_callbacks()
         key, resume = self._find_checkpoint(images, labels, warm)
         seeds = resume["seeds"] if resume is not None else [
             int(s) for s in check_random_state(self.random_state).randint(0, 2**31 - 1, size=4)]
@@ -478,45 +394,70 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
 
         backbone = resolve_backbone(self.backbone, self.weights, image_size=self.image_size,
                                     mean=self.mean, std=self.std, random_state=init_seed)
-        model, head_name = self._build_network(backbone.model, len(classes), init_seed, warm)
+        if backbone.classifier is None:
+            raise _no_classifier(self.backbone)
+        model = self._build_network(backbone, len(classes), init_seed, warm)
         train_idx, valid_idx = self._split(labels, split_seed)
         if self.head_init == "linear_probe" and not warm and resume is None:
-            self._probe_head(model.get_submodule(head_name), images, classes[labels],
+            self._probe_head(model.get_submodule(backbone.classifier), images, classes[labels],
                              train_idx, init_seed)
         generator = torch.Generator().manual_seed(shuffle_seed)
         train, valid = self._batches(images, labels, train_idx, valid_idx,
                                      backbone.preprocessing, generator)
-        state = self._training_state(model, head_name, backbone.model, device, generator,
-                                     len(train), classes, labels[train_idx])
-        if key is not None:
-            state.checkpoint = {"path": self.checkpoint, "key": key, "seeds": seeds}
+        state = self.init_state(model, backbone.classifier, backbone.model, backbone.stages,
+                                device=device, generator=generator, steps_per_epoch=len(train),
+                                class_weight=self._class_weights(classes, labels[train_idx],
+                                                                 device))
+        state.callbacks = self._make_callbacks(user_callbacks, key, seeds)
         self._train(state, train, valid, loop_seed, resume)
         self._set_fitted(model, classes, backbone, init_seed, state, warm)
         return self
 
-    def _build_network(self, pretrained: nn.Module, n_classes: int, seed: int,
-                       warm: bool) -> tuple[nn.Module, str]:
+    def _build_network(self, backbone: Backbone, n_classes: int, seed: int,
+                       warm: bool) -> nn.Module:
         """The network to train: the pretrained one with a new head, or the fitted one."""
-        head_name = classifier_name(pretrained)
-        if head_name is None:
-            raise _no_classifier(self.backbone)
         if warm:
-            return copy.deepcopy(self.model_), head_name
-        model = copy.deepcopy(pretrained)
+            return copy.deepcopy(self.model_)
+        model = copy.deepcopy(backbone.model)
+        in_features = model.get_submodule(backbone.classifier).in_features
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            head = nn.Linear(pretrained.get_submodule(head_name).in_features, n_classes)
-        model.set_submodule(head_name, head)
-        return model, head_name
+            head = nn.Linear(in_features, n_classes)
+        model.set_submodule(backbone.classifier, head)
+        return model
 
     def _batches(self, images, labels, train_idx, valid_idx, config, generator):
-        workers = default_num_workers() if self.num_workers is None else self.num_workers
+        workers = resolve_num_workers(self.num_workers)
         train = ImageBatches(images, labels, train_idx, config, self.batch_size,
                              augment=self.augment, shuffle=True, num_workers=workers,
                              generator=generator)
         valid = None if valid_idx is None else ImageBatches(
             images, labels, valid_idx, config, self.batch_size, num_workers=workers)
         return train, valid
+
+    def _check_callbacks(self) -> list[Callback]:
+        callbacks = list(self.callbacks or ())
+        for callback in callbacks:
+            if not isinstance(callback, Callback):
+                raise TypeError(f"callbacks holds {callback!r}, a {type(callback).__name__}; "
+                                "pass instances of skt.training.Callback subclasses.")
+        return callbacks
+
+    def _make_callbacks(self, user: list[Callback], key: str | None,
+                        seeds: list[int]) -> list[Callback]:
+        """Progress bar and early stopping first, the user's next, the checkpoint last.
+
+        The checkpoint then saves what every other callback did in the epoch.
+        """
+        callbacks: list[Callback] = []
+        if self.verbose:
+            callbacks.append(ProgressBar())
+        if self.early_stopping:
+            callbacks.append(EarlyStopping(patience=self.n_iter_no_change))
+        callbacks += [copy.deepcopy(callback) for callback in user]
+        if key is not None:
+            callbacks.append(Checkpoint(self.checkpoint, key=key, seeds=seeds))
+        return callbacks
 
     def _train(self, state: TrainingState, train, valid, seed: int, resume: dict | None) -> None:
         """Run the loop with seeded random numbers; leave the network as a plain module."""
@@ -533,8 +474,6 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
             for module, momentum in momenta.items():
                 module.momentum = momentum
             model.requires_grad_(True)
-        if self.early_stopping and state.best_weights is not None:
-            model.load_state_dict(state.best_weights)
 
     def _check_y(self, y, n_images: int) -> tuple[np.ndarray, np.ndarray]:
         if y is None:
@@ -588,115 +527,12 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
             head.weight.copy_(torch.as_tensor(coef, dtype=head.weight.dtype))
             head.bias.copy_(torch.as_tensor(intercept, dtype=head.bias.dtype))
 
-    def _freeze_plan(self, model: nn.Module, head: str) -> FreezePlan:
-        freeze, every = self.freeze, self.unfreeze_schedule
-        if isinstance(freeze, str) and freeze != "all":
-            freeze = [freeze]
-        if isinstance(freeze, list | tuple):
-            if every is not None:
-                raise ValueError("unfreeze_schedule unfreezes stages, so freeze must be a stage "
-                                 f"count or 'all', not the patterns {list(freeze)}.")
-            return FreezePlan(patterns=self._check_patterns(model, head, freeze))
-        stages = tuple(_stages(model, head))
-        n_frozen = len(stages) if freeze == "all" else int(freeze or 0)
-        if n_frozen > len(stages):
-            raise ValueError(f"freeze={freeze}, but this backbone has {len(stages)} stages: "
-                             f"{[' + '.join(s) for s in stages]}. Pass at most {len(stages)}, "
-                             "or 'all'.")
-        if every is not None and n_frozen == 0:
-            raise ValueError(f"unfreeze_schedule={every} has nothing to unfreeze: freeze is "
-                             f"{freeze!r}. Set freeze to a stage count or 'all'.")
-        return FreezePlan(stages=stages, n_frozen=n_frozen, unfreeze_every=every)
-
-    def _check_patterns(self, model: nn.Module, head: str, patterns) -> tuple[str, ...]:
-        head_params = {f"{head}.{name}" for name, _ in model.get_submodule(head).named_parameters()}
-        names = [name for name, _ in model.named_parameters() if name not in head_params]
-        modules = [name for name, m in model.named_modules()
-                   if name and any(True for _ in m.parameters()) and name != head]
-        for pattern in patterns:
-            if not isinstance(pattern, str):
-                raise TypeError(f"freeze patterns must be strings; got {pattern!r}.")
-            if not any(matches(name, pattern) for name in names):
-                close = difflib.get_close_matches(pattern, modules + names, n=6, cutoff=0.5)
-                hint = f" Close matches: {close}." if close else ""
-                raise ValueError(
-                    f"freeze pattern {pattern!r} matches no backbone parameter.{hint} Patterns "
-                    "are fnmatch patterns over names from model.named_parameters() (the new "
-                    "classifier excluded); a module name freezes everything inside it.")
-        return tuple(patterns)
-
-    def _training_state(self, model, head_name, pretrained, device, generator,
-                        steps_per_epoch, classes, train_labels) -> TrainingState:
-        memory_format = (torch.channels_last if device.type == "cpu"
-                         else torch.contiguous_format)
-        freeze = self._freeze_plan(model, head_name)
-        model.to(device=device, memory_format=memory_format)
-        head = model.get_submodule(head_name)
-        source = source_head = None
-        if self.regularization == "lwf":
-            source = frozen_copy(pretrained).to(device=device, memory_format=memory_format)
-            source_head = copy.deepcopy(pretrained.get_submodule(head_name)).to(device)
-        head_ids = {id(p) for p in head.parameters()}
-        backbone = [(name, p) for name, p in model.named_parameters() if id(p) not in head_ids]
-        trained = [p for name, p in backbone if freeze.ever_trained(name, self.max_iter)]
-        optimizer = self._make_optimizer([*head.parameters()], [
-            *trained, *([] if source_head is None else source_head.parameters())])
-        state = TrainingState(
-            model=model, head=head, optimizer=optimizer,
-            scheduler=self._make_scheduler(optimizer, self.max_iter * steps_per_epoch),
-            device=device, generator=generator, freeze=freeze,
-            fixed_statistics=self._fixed_statistics(pretrained),
-            class_weight=self._class_weights(classes, classes[train_labels], device),
-            source=source, source_head=source_head)
-        if self.regularization == "l2sp":
-            reference = dict(pretrained.named_parameters())
-            state.anchor = {name: reference[name].detach().to(device) for name, p in backbone
-                            if name in reference and reference[name].shape == p.shape}
-        return state
-
-    def _fixed_statistics(self, pretrained: nn.Module) -> frozenset[str]:
-        """BatchNorm layers whose running statistics do not change (see ``batchnorm``)."""
-        if self.batchnorm == "batch":
-            return frozenset()
-        fixed = set()
-        for name, module in pretrained.named_modules():
-            if isinstance(module, _BatchNorm) and module.track_running_stats:
-                initial = (bool(torch.all(module.running_mean == 0))
-                           and bool(torch.all(module.running_var == 1)))
-                if self.batchnorm == "fixed" or not initial:
-                    fixed.add(name)
-        return frozenset(fixed)
-
-    def _make_optimizer(self, head: list, backbone: list) -> torch.optim.Optimizer:
-        decay = 0.0 if self.regularization == "l2sp" else self.weight_decay
-        groups = []
-        for params, lr in ((head, self.learning_rate_init),
-                           (backbone, self.learning_rate_init * self.backbone_lr_scale)):
-            # Biases and norm scales (1-D) are not decayed.
-            groups.append({"params": [p for p in params if p.ndim > 1], "lr": lr,
-                           "weight_decay": decay})
-            groups.append({"params": [p for p in params if p.ndim <= 1], "lr": lr,
-                           "weight_decay": 0.0})
-        groups = [group for group in groups if group["params"]]
-        if self.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=self.learning_rate_init, momentum=0.9,
-                                   nesterov=True)
-        return torch.optim.AdamW(groups, lr=self.learning_rate_init)
-
-    def _make_scheduler(self, optimizer, total_steps: int):
-        warmup_steps = round(self.warmup * total_steps)
-        if self.lr_schedule == "onecycle":
-            return torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=[group["lr"] for group in optimizer.param_groups],
-                total_steps=total_steps, pct_start=max(warmup_steps, 1) / total_steps)
-        schedule = WarmupSchedule(total_steps, warmup_steps, self.lr_schedule)
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
     def _class_weights(self, classes: np.ndarray, train_labels: np.ndarray,
                        device: torch.device) -> torch.Tensor | None:
         if self.class_weight is None:
             return None
-        weights = compute_class_weight(self.class_weight, classes=classes, y=train_labels)
+        weights = compute_class_weight(self.class_weight, classes=classes,
+                                       y=classes[train_labels])
         return torch.as_tensor(weights, dtype=torch.float32, device=device)
 
     def _checkpoint_key(self, images, labels: np.ndarray, start: nn.Module | None) -> str:
@@ -726,71 +562,90 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
             UserWarning, stacklevel=3)
         return key, None
 
-    def _set_fitted(self, model, classes, backbone, init_seed, state, warm) -> None:
+    def _set_fitted(self, model, classes, backbone: Backbone, init_seed, state, warm) -> None:
         model.eval()
         model.to(device="cpu", memory_format=torch.contiguous_format)
         previous = self.n_iter_ if warm else 0
+        history = [{**row, "epoch": previous + row["epoch"]} for row in state.history]
         self.model_ = model
         self.classes_ = classes
         self.preprocessing_ = backbone.preprocessing
         self.weights_ = backbone.weights
-        self.n_iter_ = previous + len(state.loss_curve)
-        self.loss_curve_ = (list(self.loss_curve_) if warm else []) + state.loss_curve
-        if self.early_stopping:
-            self.validation_scores_ = ((list(self.validation_scores_ or []) if warm else [])
-                                       + state.validation_scores)
-            self.best_validation_score_ = state.best_score
-            self.best_iteration_ = (None if state.best_epoch is None
-                                    else previous + state.best_epoch)
+        self.history_ = (list(self.history_) if warm else []) + history
+        self.n_iter_ = len(self.history_)
+        self.loss_curve_ = [row["train_loss"] for row in self.history_]
+        stopper = next((c for c in state.callbacks if isinstance(c, EarlyStopping)), None)
+        if self.early_stopping and stopper is not None:
+            self.validation_scores_ = [row["valid_score"] for row in self.history_
+                                       if row["valid_score"] is not None]
+            self.best_validation_score_ = stopper.best_score
+            self.best_iteration_ = (None if stopper.best_epoch is None
+                                    else previous + stopper.best_epoch)
         else:
             self.validation_scores_ = None
             self.best_validation_score_ = None
             self.best_iteration_ = None
+        self._classifier = backbone.classifier
         self._init_seed = init_seed
-        self._runtime = {}
+        self._runtime = None
 
     # ------------------------------------------------------------- predict
 
-    def _engine(self, kind: str) -> TorchEngine:
-        """A network for ``"logits"`` or ``"features"`` on the device (rebuilt after loading)."""
-        if getattr(self, "_runtime", None) is None:
-            self._runtime = {}
-        if kind not in self._runtime:
-            device = resolve_device(self.device, fallback=True)
-            if kind == "logits":
-                self._runtime[kind] = TorchEngine(_Logits(copy.deepcopy(self.model_)), device)
-            else:
-                network, layout = build_feature_model(
-                    copy.deepcopy(self.model_), self.preprocessing_.crop_size, [PRE_LOGITS],
-                    "avg")
-                self._runtime[kind] = TorchEngine(network, device)
-                self._runtime["layout"] = layout[0]
-        return self._runtime[kind]
-
     def _run(self, X, kind: str) -> np.ndarray:
+        """Logits (``"logits"``) or penultimate features (``"features"``) of ``X``.
+
+        The same path as :meth:`skt.FeatureExtractor.transform`: the network
+        truncated at the classifier's output or input, run by the torch
+        engine in batches, images decoded in threads.
+        """
         check_is_fitted(self)
         images = as_image_list(X)
-        engine = self._engine(kind)
-        workers = default_num_workers() if self.num_workers is None else self.num_workers
-        outputs = [engine(batch)[0] for batch in iter_batches(
-            images, self.preprocessing_, self.batch_size, workers)]
-        return np.concatenate(outputs)
+        runtime = self._get_runtime(kind)
+        out = np.empty((len(images), runtime.layout[0].width), dtype=np.float32)
+        return extract_into(out, images, runtime, "avg", batch_size=self.batch_size,
+                            num_workers=resolve_num_workers(self.num_workers))
+
+    def _get_runtime(self, kind: str) -> FeatureRuntime:
+        """The runtime for ``kind`` in this process (rebuilt after unpickling)."""
+        if self._runtime is None:
+            self._runtime = {}
+        if kind not in self._runtime:
+            layer = self._classifier if kind == "logits" else PRE_LOGITS
+            self._runtime[kind] = FeatureRuntime(
+                self.model_, self._classifier, self.preprocessing_, [layer], "avg",
+                device=resolve_device(self.device, fallback=True), engine="torch")
+        return self._runtime[kind]
 
     def decision_function(self, X):
-        """Logits: ``(n_samples, n_classes)``, or for two classes ``(n_samples,)``.
+        """Confidence scores per class: the network's logits.
 
-        For two classes the value is the logit of ``classes_[1]`` minus that of
-        ``classes_[0]``, positive where ``classes_[1]`` is predicted.
+        Parameters
+        ----------
+        X : images
+            File paths, PIL images, arrays or tensors (see :mod:`skt.images`).
+
+        Returns
+        -------
+        scores : ndarray of shape (n_samples,) or (n_samples, n_classes), dtype float32
+            For two classes, the logit of ``classes_[1]`` minus that of
+            ``classes_[0]``, positive where ``classes_[1]`` is predicted;
+            otherwise one column per class of ``classes_``.
         """
         logits = self._run(X, "logits")
         return logits[:, 1] - logits[:, 0] if len(self.classes_) == 2 else logits
 
     def predict_proba(self, X):
-        """Class probabilities, columns in ``classes_`` order, rows summing to 1.
+        """Class probabilities: the softmax of the logits.
+
+        Parameters
+        ----------
+        X : images
+            File paths, PIL images, arrays or tensors (see :mod:`skt.images`).
 
         Returns
         -------
-        ndarray of shape (n_samples, n_classes), dtype float64
+        proba : ndarray of shape (n_samples, n_classes), dtype float64
+            Columns in the order of ``classes_``; each row sums to 1.
         """
         logits = self._run(X, "logits").astype(np.float64)
         logits -= logits.max(axis=1, keepdims=True)
@@ -798,29 +653,65 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         return probabilities / probabilities.sum(axis=1, keepdims=True)
 
     def predict_log_proba(self, X):
-        """Logarithm of :meth:`predict_proba`."""
+        """Logarithm of the class probabilities.
+
+        Parameters
+        ----------
+        X : images
+            File paths, PIL images, arrays or tensors (see :mod:`skt.images`).
+
+        Returns
+        -------
+        log_proba : ndarray of shape (n_samples, n_classes), dtype float64
+            ``log(predict_proba(X))``, columns in the order of ``classes_``.
+        """
         return np.log(self.predict_proba(X))
 
     def predict(self, X):
-        """The most probable class of each image, as a label from ``classes_``."""
+        """The most probable class of each image.
+
+        Parameters
+        ----------
+        X : images
+            File paths, PIL images, arrays or tensors (see :mod:`skt.images`).
+
+        Returns
+        -------
+        y_pred : ndarray of shape (n_samples,)
+            Labels from ``classes_`` (strings stay strings), never indices.
+        """
         logits = self._run(X, "logits")
         return self.classes_[np.argmax(logits, axis=1)]
 
     def transform(self, X):
         """Penultimate features of the fine-tuned network (the classifier's input).
 
+        Parameters
+        ----------
+        X : images
+            File paths, PIL images, arrays or tensors (see :mod:`skt.images`).
+
         Returns
         -------
-        ndarray of shape (n_samples, n_features), dtype float32
+        X_new : ndarray of shape (n_samples, n_features), dtype float32
+            Row ``i`` holds the features of image ``i``, ready for another head.
         """
-        summaries = self._run(X, "features")
-        layout = self._runtime["layout"]
-        return pool(summaries, layout.kind, "avg")
+        return self._run(X, "features")
 
     def get_feature_names_out(self, input_features=None):
-        """Names of :meth:`transform`'s columns: ``pre_logits_<i>``."""
+        """Get output feature names for transformation.
+
+        Parameters
+        ----------
+        input_features : array-like of str or None, default=None
+            Ignored: images have no input feature names. Accepted so that
+            ``Pipeline`` and ``ColumnTransformer`` can ask every step alike.
+
+        Returns
+        -------
+        feature_names_out : ndarray of str objects
+            ``pre_logits_<i>`` for each column of :meth:`transform`.
+        """
         check_is_fitted(self)
-        self._engine("features")
-        layout = self._runtime["layout"]
-        return np.asarray(feature_names(layout.name, layout.kind, "avg", layout.width),
-                          dtype=object)
+        layout = self._get_runtime("features").layout[0]
+        return np.asarray(layout.feature_names("avg"), dtype=object)

@@ -22,15 +22,31 @@ Examples
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-__all__ = ["GEM_EPS", "GEM_P", "POOLINGS", "feature_names", "pool", "summarize",
-           "summary_kind"]
+__all__ = ["GEM_EPS", "GEM_P", "POOLINGS", "LayerLayout", "feature_names", "pool", "pool_into",
+           "summarize", "summary_kind"]
 
 POOLINGS = ("avg", "max", "gem", "avgmax", "flatten")
 GEM_P = 3.0
 GEM_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """How one requested layer appears in the summaries and in the output."""
+
+    name: str
+    kind: str  # "stats", "flat" or "vector": see summary_kind
+    width: int  # columns of its summary
+
+    def feature_names(self, pooling: str) -> list[str]:
+        """Output column names of this layer under ``pooling``."""
+        return feature_names(self.name, self.kind, pooling, self.width)
 
 
 def summary_kind(ndim: int, pooling: str) -> str:
@@ -80,3 +96,13 @@ def feature_names(layer: str, kind: str, pooling: str, width: int) -> list[str]:
     if pooling == "avgmax":
         return [f"{layer}_{p}_{i}" for p in ("avg", "max") for i in range(channels)]
     return [f"{layer}_{pooling}_{i}" for i in range(channels)]
+
+
+def pool_into(out: np.ndarray, rows: Sequence[int], summaries: Sequence[np.ndarray],
+              layouts: Sequence[LayerLayout], pooling: str) -> None:
+    """Pool each layer's summaries and write them side by side into ``out[rows]``."""
+    start = 0
+    for layout, summary in zip(layouts, summaries, strict=True):
+        pooled = pool(summary, layout.kind, pooling)
+        out[rows, start:start + pooled.shape[1]] = pooled
+        start += pooled.shape[1]

@@ -6,12 +6,17 @@ import torch
 import torchvision
 from torch import nn
 
+import skt.backbones._registry as registry
 from skt.backbones import (
-    IMAGENET_MEAN,
+    BackboneFamily,
+    Layout,
     WeightsNotFoundError,
     check_layers,
+    family_of,
     list_backbones,
     list_layers,
+    list_stages,
+    register_family,
     resolve_backbone,
 )
 from skt.backbones.efficientnet_lite import (
@@ -21,6 +26,7 @@ from skt.backbones.efficientnet_lite import (
     convert_lite_state_dict,
     efficientnet_lite,
 )
+from skt.images import IMAGENET_MEAN, Preprocessing
 
 
 def test_list_backbones_has_torchvision_and_lite():
@@ -30,7 +36,8 @@ def test_list_backbones_has_torchvision_and_lite():
 
 
 def test_unknown_backbone_suggests_close_names():
-    with pytest.raises(ValueError, match=r"Unknown backbone 'resnet_18'\. Did you mean 'resnet18'"):
+    with pytest.raises(ValueError, match=r"Unknown backbone 'resnet_18'\. Close matches: "
+                                         r"\['resnet18'"):
         resolve_backbone("resnet_18")
 
 
@@ -166,3 +173,69 @@ def test_lite_architecture(name, blocks, last_channels):
 def test_lite_key_names_map_from_the_packaged_format():
     converted = convert_lite_state_dict({"_blocks.3._depthwise_conv.weight": 1, "_fc.bias": 2})
     assert converted == {"blocks.3.depthwise_conv.weight": 1, "fc.bias": 2}
+
+
+# ------------------------------------------------------------------ registry --
+
+def test_named_backbones_declare_classifier_and_stages():
+    resnet = resolve_backbone("resnet18", None)
+    assert resnet.classifier == "fc"
+    assert resnet.stages == (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",),
+                             ("layer4",))
+    lite = resolve_backbone("efficientnet_lite0", None)
+    assert lite.classifier == "fc"
+    assert lite.stages[0] == ("conv_stem", "bn0") and lite.stages[-1] == ("conv_head", "bn1")
+    # Blocks per stage follow the B0 table (1, 2, 2, 3, 3, 4, 1).
+    assert [len(stage) for stage in lite.stages[1:-1]] == [1, 2, 2, 3, 3, 4, 1]
+    assert lite.stages[2] == ("blocks.1", "blocks.2")
+    assert list_stages("efficientnet_lite2")[1:-1][1] == ("blocks.1", "blocks.2", "blocks.3")
+    assert family_of("resnet18").name == "torchvision"
+    assert family_of("efficientnet_lite1").name == "efficientnet_lite"
+    assert family_of("resnet_18") is None
+
+
+def test_user_module_stages_are_its_top_level_children():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(1))
+            self.stem = nn.Conv2d(3, 4, 3)
+            self.act = nn.ReLU()
+            self.body = nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.body(self.act(self.stem(x * self.scale))).mean((2, 3)))
+
+    backbone = resolve_backbone(Net())
+    assert backbone.classifier == "head"
+    assert backbone.stages == (("scale", "stem"), ("body",))
+    assert list_stages(Net()) == [("scale", "stem"), ("body",)]
+
+
+def test_a_registered_family_resolves_like_the_built_in_ones(monkeypatch):
+    monkeypatch.setattr(registry, "_FAMILIES", list(registry._FAMILIES))
+
+    def build(name, num_classes):
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(8, num_classes or 10))
+
+    def load(name, weights):
+        model = build(name, None)
+        nn.init.ones_(model[4].weight)
+        return model, f"{name}.{weights}"
+
+    family = BackboneFamily(
+        name="tiny", names=lambda: ["tiny_cnn"], build=build, load=load,
+        preprocessing=lambda name, weights: Preprocessing(crop_size=48, resize_size=56),
+        layout=lambda name: Layout("4", lambda model: (("0", "1"),)),
+        weights_on_disk=lambda name: True)
+    register_family(family)
+    assert "tiny_cnn" in list_backbones() and family_of("tiny_cnn") is family
+    backbone = resolve_backbone("tiny_cnn", "DEFAULT", image_size=32)
+    assert backbone.weights == "tiny_cnn.DEFAULT" and backbone.rebuildable
+    assert bool((backbone.model[4].weight == 1).all())
+    assert (backbone.preprocessing.crop_size, backbone.preprocessing.resize_size) == (32, 37)
+    assert (backbone.classifier, backbone.stages) == ("4", (("0", "1"),))
+    assert list_stages("tiny_cnn") == [("0", "1")]
+

@@ -1,7 +1,6 @@
 """The feature cache: one forward pass per image, across fits, folds and processes."""
 
 import collections
-import os
 import subprocess
 import sys
 
@@ -9,12 +8,13 @@ import joblib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline, make_pipeline
 
 from skt import FeatureExtractor, cache_info, clear_cache
-from skt.cache import forget_memory
+from skt.cache import FeatureCache, fingerprint, fingerprint_module, forget_memory
 from skt.extract import TorchEngine
 
 from .conftest import TINY
@@ -152,18 +152,19 @@ def test_damaged_entry_is_discarded_and_recomputed(images, counter, tmp_path):
 KILLED_WRITER = """
 import os, signal, numpy as np
 from skt import FeatureExtractor
-from skt.cache import FeatureCache
+import skt.cache
 writes = []
-original = FeatureCache._atomic_write
+original = skt.cache.atomic_write
 def dying_write(path, data):
     if path.name != "config.json":
         writes.append(path)
         if len(writes) == 5:  # half of the fifth entry reaches the disk, then the process dies
             temporary = path.with_name("." + path.name + ".tmp")
+            path.parent.mkdir(parents=True, exist_ok=True)
             temporary.write_bytes(data[: len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
     original(path, data)
-FeatureCache._atomic_write = staticmethod(dying_write)
+skt.cache.atomic_write = dying_write
 X = np.load({X!r})
 FeatureExtractor(backbone="resnet18", weights=None, image_size=32, random_state=0, engine="torch",
                  batch_size=4, cache={cache!r}).fit(X).transform(X)
@@ -258,5 +259,84 @@ def test_cache_info_and_clear(labelled, tmp_path):
     assert cache_info(tmp_path)["bytes"] <= half and freed >= info["bytes"] - half
     assert clear_cache(tmp_path) > 0
     assert cache_info(tmp_path)["entries"] == 0
-    assert not any(p.is_file() for p in (tmp_path / "skt-features").rglob("*")
-                   ) if os.path.exists(tmp_path / "skt-features") else True
+    assert not (tmp_path / "skt-features").exists()  # clearing everything removes the folder
+    assert clear_cache(tmp_path) == 0
+
+
+# ----------------------------------------------------------- fingerprints --
+
+def test_fingerprint_follows_content_not_name(image_files, tmp_path, images):
+    copy = tmp_path / "copy.png"
+    copy.write_bytes(open(image_files[0], "rb").read())
+    assert fingerprint(image_files[0]) == fingerprint(str(copy))
+    assert fingerprint(image_files[0]) != fingerprint(image_files[1])
+    changed = images[0].copy()
+    changed[0, 0, 0] ^= 1
+    assert fingerprint(images[0]) != fingerprint(changed)
+    assert fingerprint(images[0]) == fingerprint(images[0].copy())
+
+
+def test_fingerprint_of_a_rewritten_file_changes(image_files, images):
+    before = fingerprint(image_files[0])
+    Image.fromarray(images[1]).save(image_files[0])  # same name, new content
+    assert fingerprint(image_files[0]) == fingerprint(image_files[1]) != before
+
+
+def test_fingerprint_of_pil_images_and_tensors(images):
+    pil = Image.fromarray(images[0])
+    assert fingerprint(pil) == fingerprint(Image.fromarray(images[0].copy()))
+    assert fingerprint(pil) != fingerprint(pil.convert("L"))
+    tensor = torch.from_numpy(images[0])
+    # The same bytes as a (C, H, W) tensor and an (H, W, C) array are different images.
+    assert fingerprint(tensor) != fingerprint(images[0])
+    assert fingerprint(tensor) == fingerprint(tensor.clone())
+
+
+def test_fingerprint_module_follows_weights_not_identity():
+    def net(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Linear(3, 2)
+
+    assert fingerprint_module(net(0)) == fingerprint_module(net(0))
+    assert fingerprint_module(net(0)) != fingerprint_module(net(1))
+    half = net(0).to(torch.bfloat16)  # no numpy dtype: hashed from its bytes
+    assert fingerprint_module(half) != fingerprint_module(net(0))
+
+
+# ------------------------------------------------------------- the protocol --
+
+def test_serve_reads_hits_and_computes_only_the_missing(tmp_path):
+    cache = FeatureCache(tmp_path)
+    description = {"what": "test"}
+    layers = [("a", "stats"), ("b", "vector")]
+    keys = [f"{i:02d}" * 16 for i in range(5)]
+    asked = []
+
+    def compute(indices):
+        asked.append(list(indices))
+        for start in range(0, len(indices), 2):
+            rows = indices[start:start + 2]
+            yield rows, [np.array([[i, i] for i in rows], np.float32),
+                         np.array([[10 * i] for i in rows], np.float32)]
+
+    def collect():
+        got = {}
+
+        def emit(rows, summaries):
+            for j, i in enumerate(rows):
+                got[i] = [s[j].tolist() for s in summaries]
+        return got, emit
+
+    got, emit = collect()
+    cache.serve(description, layers, keys[:3], compute, emit)
+    assert asked == [[0, 1, 2]]
+    assert got == {i: [[i, i], [10 * i]] for i in range(3)}
+    forget_memory()  # read from disk, as another process would
+    got, emit = collect()
+    cache.serve(description, layers, keys, compute, emit)
+    assert asked[-1] == [3, 4]
+    assert got == {i: [[i, i], [10 * i]] for i in range(5)}
+    got, emit = collect()
+    cache.serve({"what": "another"}, layers, keys[:1], compute, emit)
+    assert asked[-1] == [0]  # another configuration shares nothing
+

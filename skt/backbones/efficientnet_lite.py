@@ -23,7 +23,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LITE_VARIANTS", "EfficientNetLite", "efficientnet_lite", "lite_weights_path"]
+__all__ = ["LITE_VARIANTS", "EfficientNetLite", "efficientnet_lite", "lite_weights_path", "stages"]
 
 
 @dataclass(frozen=True)
@@ -178,9 +178,11 @@ class EfficientNetLite(nn.Module):
         self.bn0 = _batch_norm(32)
         self.stem_act = nn.ReLU6()
         settings = []
+        self.stage_depths: tuple[int, ...] = ()
         for i, stage in enumerate(_STAGES):
             first_or_last = i in (0, len(_STAGES) - 1)  # Lite fixes their depth
             repeats = stage.repeats if first_or_last else math.ceil(depth * stage.repeats)
+            self.stage_depths += (repeats,)
             channels_in = _round_channels(stage.channels_in, width) if i else 32
             channels_out = _round_channels(stage.channels_out, width)
             for r in range(repeats):
@@ -205,6 +207,19 @@ class EfficientNetLite(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.forward_features(x)).flatten(1)
         return self.fc(self.dropout(x))
+
+
+def stages(model: EfficientNetLite) -> tuple[tuple[str, ...], ...]:
+    """What ``FineTuneClassifier(freeze=k)`` counts, input side first.
+
+    The stem; the seven block stages of the EfficientNet-B0 table (one per
+    kernel size, stride and width); the head convolution.
+    """
+    blocks, start = [], 0
+    for depth in model.stage_depths:
+        blocks.append(tuple(f"blocks.{b}" for b in range(start, start + depth)))
+        start += depth
+    return (("conv_stem", "bn0"), *blocks, ("conv_head", "bn1"))
 
 
 def _package_file(package: str) -> Path | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from skt.benchmark import (
+from skt.bench import (
     Reference,
     feature_input,
     feature_rows,
@@ -97,9 +97,9 @@ def run_demo(quick: bool = False, output: str | Path = "demo-results",
       ``Pipeline(FeatureExtractor(cache=...), head)`` searched over the head's
       hyper-parameters: the features are extracted once, into the feature
       cache, and every fit of the search reads them from there;
-    - :class:`skt.finetune.FineTuneClassifier` on Lite0 with a short fixed
+    - :class:`skt.FineTuneClassifier` on Lite0 with a short fixed
       budget and no search: 2 epochs at 128 px, stem and first two block
-      stages frozen (see :func:`skt.benchmark.finetune_row`).
+      stages frozen (see :func:`skt.bench.finetune_row`).
 
     The full run uses Lite0 features at its native 224 px and took 2 min 45 s
     on an otherwise idle 2-core CPU (about 30 s extracting features with the
@@ -132,7 +132,7 @@ def run_demo(quick: bool = False, output: str | Path = "demo-results",
 
     Examples
     --------
-    >>> from skt.demo import run_demo
+    >>> from skt.bench.demo import run_demo
     >>> results = run_demo(quick=True, output="demo-results", verbose=0)  # doctest: +SKIP
     >>> results["rows"][0]["name"]  # doctest: +SKIP
     'Majority class'

@@ -1,0 +1,156 @@
+"""Small helpers that several modules need, written once.
+
+Imports nothing heavy at module level (no torch, no scikit-learn), so that
+the command line and the cache can use it and still start fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = [
+    "LRU",
+    "atomic_open",
+    "atomic_write",
+    "available_cores",
+    "close_matches",
+    "memory_format",
+    "resolve_num_workers",
+]
+
+
+# ------------------------------------------------------------------ files --
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, *, durable: bool = False) -> Iterator[IO[bytes]]:
+    """A binary file handle whose content replaces ``path`` only once it is complete.
+
+    Writes go to a hidden temporary file in the same folder, renamed over
+    ``path`` when the block ends without an error, so readers and concurrent
+    writers never see a partial file, and a process killed mid-write leaves
+    the previous content (or nothing) under the real name. ``durable=True``
+    also flushes the data to disk before the rename (for checkpoints, which a
+    power cut must not lose).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            yield handle
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+
+
+def atomic_write(path: str | os.PathLike, data: bytes, *, durable: bool = False) -> None:
+    """Write ``data`` to ``path`` through :func:`atomic_open`."""
+    with atomic_open(path, durable=durable) as handle:
+        handle.write(data)
+
+
+# ------------------------------------------------------------------ memory --
+
+class LRU:
+    """A least-recently-used map, safe to share between threads.
+
+    Bounded by a number of items, by a byte budget (``size_of`` gives each
+    value's size), or both; the least recently used items leave first.
+    """
+
+    def __init__(self, max_items: int | None = None, max_bytes: int | None = None,
+                 size_of: Callable[[Any], int] = lambda value: 0) -> None:
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.size_of = size_of
+        self.nbytes = 0
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Hashable) -> Any:
+        """The value of ``key`` (now the most recent), or None."""
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: Hashable, value: Any) -> None:
+        """Keep ``value`` under ``key`` unless the key is already there."""
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = value
+            self.nbytes += self.size_of(value)
+            while self._items and self._over_budget():
+                self.nbytes -= self.size_of(self._items.popitem(last=False)[1])
+
+    def get_or_make(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """The value of ``key``, made (outside the lock) and kept if missing."""
+        value = self.get(key)
+        if value is None:
+            value = make()
+            self.put(key, value)
+            kept = self.get(key)  # another thread may have won the race
+            value = value if kept is None else kept
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.nbytes = 0
+
+    def _over_budget(self) -> bool:
+        return ((self.max_items is not None and len(self._items) > self.max_items)
+                or (self.max_bytes is not None and self.nbytes > self.max_bytes))
+
+
+# ------------------------------------------------------------- processors --
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def resolve_num_workers(num_workers: int | None) -> int:
+    """The estimators' ``num_workers``: None is one decoding thread per core, up to 4."""
+    if num_workers is None:
+        return max(1, min(4, available_cores()))
+    return num_workers
+
+
+def memory_format(device: Any) -> Any:
+    """The memory format for 4-D activations on ``device``.
+
+    Channels-last on the CPU, where oneDNN's convolutions run faster in it;
+    contiguous (NCHW) elsewhere.
+    """
+    import torch
+
+    return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
+
+
+# ------------------------------------------------------------------ errors --
+
+def close_matches(name: str, candidates: Iterable[str], *, n: int = 6,
+                  cutoff: float = 0.6) -> str:
+    """`` Close matches: [...].`` for an error message, or ``""`` when none is close."""
+    close = difflib.get_close_matches(name, list(candidates), n=n, cutoff=cutoff)
+    return f" Close matches: {close}." if close else ""

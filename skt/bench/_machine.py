@@ -1,0 +1,74 @@
+"""The machine a comparison runs on, printed beside its numbers."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import numpy as np
+import sklearn
+import torch
+import torchvision
+
+from skt._utils import available_cores, resolve_num_workers
+from skt._version import __version__
+from skt.extract import resolve_device
+
+__all__ = ["HEAD_BLAS_THREADS", "format_machine", "machine_info"]
+
+HEAD_BLAS_THREADS = 1
+"""BLAS threads (NumPy/SciPy) while rows fit and predict. The heads' problems
+are small (thousands of rows, at most a few thousand columns), where threads
+add synchronisation and no speed; on a machine shared with other jobs,
+spinning BLAS threads made a 480 x 1024 LogisticRegression fit 75 x slower
+than one thread. Torch's own threads (FineTuneClassifier, extraction) are not
+affected."""
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine a comparison runs on: cores, torch threads, device, versions.
+
+    Examples
+    --------
+    >>> from skt.bench import machine_info
+    >>> info = machine_info()
+    >>> info["cpu_cores"] >= 1 and info["torch_threads"] >= 1
+    True
+    """
+    return {
+        "cpu": _cpu_model(),
+        "cpu_cores": available_cores(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(resolve_device("auto")),
+        "decoding_workers": resolve_num_workers(None),
+        "blas_threads_for_heads": HEAD_BLAS_THREADS,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "scikit-learn": sklearn.__version__,
+        "numpy": np.__version__,
+        "skt": __version__,
+    }
+
+
+def format_machine(info: dict[str, Any]) -> str:
+    """One line describing ``info`` from :func:`machine_info`."""
+    load = info.get("load_average")
+    busy = f", load average {load[0]:.1f}" if load else ""
+    return (f"Machine: {info['cpu']}, {info['cpu_cores']} CPU cores, "
+            f"{info['torch_threads']} torch threads, device {info['device']}{busy}; "
+            f"torch {info['torch']}, torchvision {info['torchvision']}, "
+            f"scikit-learn {info['scikit-learn']}, skt {info['skt']}")

@@ -1,0 +1,158 @@
+"""What runs a :class:`~skt.extract.FeatureModel`: eager torch, or ONNX Runtime on the CPU."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from skt._utils import atomic_write, memory_format
+from skt.extract._model import FeatureModel
+
+__all__ = ["OnnxEngine", "TorchEngine", "make_engine", "onnx_available"]
+
+
+class TorchEngine:
+    """Runs a :class:`FeatureModel` eagerly: eval mode, ``inference_mode``, batches.
+
+    On the CPU the model and inputs are channels-last, which oneDNN convolutions
+    run faster. ``dtype`` ("float16" / "bfloat16") turns on autocast on CUDA only:
+    on CPUs without bf16 units it is several times slower.
+    """
+
+    name = "torch"
+
+    def __init__(self, model: FeatureModel, device: torch.device, dtype: str | None = None) -> None:
+        self.device = device
+        self.dtype = getattr(torch, dtype) if dtype and device.type == "cuda" else None
+        self.memory_format = memory_format(device)
+        self.model = model.to(device=device, memory_format=self.memory_format).eval()
+
+    def __call__(self, batch: torch.Tensor) -> list[np.ndarray]:
+        with torch.inference_mode():
+            x = batch.to(self.device, non_blocking=True).contiguous(
+                memory_format=self.memory_format)
+            with torch.autocast(self.device.type, dtype=self.dtype,
+                                enabled=self.dtype is not None):
+                outputs = self.model(x)
+        return [out.float().cpu().numpy() for out in outputs]
+
+
+class OnnxEngine:
+    """Runs a :class:`FeatureModel` exported to ONNX, in ONNX Runtime on the CPU.
+
+    The truncated network and the pooling summaries are exported once per
+    configuration (``torch.onnx.export``, dynamo exporter, fixed image size,
+    dynamic batch), checked against the eager model, and run with all graph
+    optimisations. ONNX Runtime fuses the depthwise convolutions of
+    MobileNet/EfficientNet-style networks far better than eager PyTorch.
+
+    Parameters
+    ----------
+    model : FeatureModel
+        In eval mode, on the CPU.
+    size : int
+        Image size the graph is exported for.
+    path : Path, optional
+        Where to keep the ``.onnx`` file (a feature cache folder) so that later
+        processes skip the export; None keeps it in memory only.
+    threads : int, optional
+        ONNX Runtime intra-op threads; default ``torch.get_num_threads()``, so
+        ``torch.set_num_threads`` controls both engines.
+
+    Raises
+    ------
+    RuntimeError
+        When the export fails or its outputs differ from the eager model.
+    """
+
+    name = "onnx"
+
+    def __init__(self, model: FeatureModel, size: int, path: Path | None = None,
+                 threads: int | None = None) -> None:
+        import onnxruntime
+
+        if path is not None and path.is_file():
+            graph = path.read_bytes()
+        else:
+            graph = _export_onnx(model, size)
+            if path is not None:
+                atomic_write(path, graph)
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        # Decoding workers share the cores: spinning threads would steal their time.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        self.session = onnxruntime.InferenceSession(graph, options,
+                                                    providers=["CPUExecutionProvider"])
+        self._check(model, size)
+
+    def __call__(self, batch: torch.Tensor) -> list[np.ndarray]:
+        x = np.ascontiguousarray(batch.numpy(), dtype=np.float32)
+        return self.session.run(None, {"x": x})
+
+    def _check(self, model: FeatureModel, size: int) -> None:
+        probe = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            expected = [out.numpy() for out in model(probe)]
+        for want, got in zip(expected, self(probe), strict=True):
+            scale = max(1.0, float(np.abs(want).max()))
+            if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3,
+                                                          atol=1e-4 * scale):
+                raise RuntimeError("the exported graph's outputs differ from the eager model's")
+
+
+def _first_sentence(exc: Exception) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the exporter colours its text
+    first = re.split(r"(?<=\.)\s|\n", text, maxsplit=1)[0].strip()
+    return (first[:200] or type(exc).__name__).rstrip(".")
+
+
+def _export_onnx(model: FeatureModel, size: int) -> bytes:
+    example = torch.zeros(2, 3, size, size)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model.eval(), (example,), dynamo=True, verbose=False,
+                                    input_names=["x"], dynamic_shapes={"x": {0: "batch"}},
+                                    external_data=False)
+    return program.model_proto.SerializeToString()
+
+
+def onnx_available() -> bool:
+    """Whether ONNX Runtime and the exporter's dependencies import."""
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_engine(model: FeatureModel, engine: str, device: torch.device, size: int,
+                dtype: str | None = None, onnx_path: Path | None = None):
+    """The engine for ``engine`` ("auto", "torch" or "onnx") on ``device``.
+
+    "auto" is ONNX Runtime on the CPU when it is installed, torch otherwise
+    (CUDA and MPS always use torch). A failed export falls back to torch with
+    one warning naming the reason.
+    """
+    if engine == "onnx" and not onnx_available():
+        raise ImportError("engine='onnx' needs ONNX Runtime: pip install 'skt[onnx]'.")
+    if engine == "onnx" and device.type != "cpu":
+        raise ValueError(f"engine='onnx' runs on the CPU only; device is {device}. Use "
+                         "engine='auto' or 'torch'.")
+    if engine == "torch" or device.type != "cpu" or not onnx_available():
+        return TorchEngine(model, device, dtype)
+    try:
+        return OnnxEngine(model, size, onnx_path)
+    except Exception as exc:  # the exporter raises many types; any failure means torch
+        reason = _first_sentence(exc)
+        warnings.warn(f"ONNX export failed ({reason}); using the torch engine.",
+                      RuntimeWarning, stacklevel=3)
+        return TorchEngine(model, device, dtype)

@@ -1,0 +1,38 @@
+"""Images in, normalised tensors out: validate, decode, preprocess, batch.
+
+:func:`as_image_list` checks any accepted ``X`` (paths, PIL images, arrays,
+tensors; see :mod:`skt.images._validate`) and names the first bad item;
+:func:`load_image` decodes one item to an RGB tensor; :func:`preprocess`
+resizes, crops and normalises it as a :class:`Preprocessing` says;
+:func:`iter_batches` does all of it for many images, decoding in threads.
+This package knows nothing of networks.
+"""
+
+from skt.images._batching import ImageDataset, iter_batches
+from skt.images._decode import load_image
+from skt.images._folder import list_image_files, load_image_folder
+from skt.images._preprocess import (
+    AUGMENTATIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    preprocess,
+    random_crop_box,
+)
+from skt.images._validate import as_image_list, describe_item
+
+__all__ = [
+    "AUGMENTATIONS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageDataset",
+    "Preprocessing",
+    "as_image_list",
+    "describe_item",
+    "iter_batches",
+    "list_image_files",
+    "load_image",
+    "load_image_folder",
+    "preprocess",
+    "random_crop_box",
+]

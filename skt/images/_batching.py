@@ -1,0 +1,97 @@
+"""Preprocessed images in batches: a map-style dataset, and a threaded batch iterator."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from skt.images._decode import load_image
+from skt.images._preprocess import AUGMENTATIONS, Preprocessing, preprocess
+
+__all__ = ["ImageDataset", "iter_batches"]
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Validated images as a map-style dataset of preprocessed tensors.
+
+    Parameters
+    ----------
+    images : sequence
+        Validated images (see :func:`skt.images.as_image_list`).
+    config : Preprocessing
+    indices : sequence of int, optional
+        The items of ``images`` it holds, in order; default all.
+    augment : {None, "flip", "standard"}
+        Training augmentation (see :func:`skt.images.preprocess`).
+    seeds : sequence of int, optional
+        With ``augment``, one seed per position: the item's random view
+        depends on its seed alone, whichever thread or process prepares it
+        and in whatever order. Without seeds, torch's global generator.
+    """
+
+    def __init__(self, images: Sequence, config: Preprocessing,
+                 indices: Sequence[int] | None = None, augment: str | None = None,
+                 seeds: Sequence[int] | None = None) -> None:
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment={augment!r}; choose one of {AUGMENTATIONS}.")
+        self.images = images
+        self.config = config
+        self.augment = augment
+        self.indices = list(range(len(images))) if indices is None else list(indices)
+        self.seeds = None if seeds is None else list(seeds)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> torch.Tensor:
+        index = self.indices[position]  # errors name the item's index in X
+        image = load_image(self.images[index], index, draft=self.config.resize_size)
+        generator = None
+        if self.augment is not None and self.seeds is not None:
+            generator = torch.Generator().manual_seed(self.seeds[position])
+        return preprocess(image, self.config, self.augment, generator)
+
+
+def iter_batches(images: Sequence, config: Preprocessing, batch_size: int,
+                 num_workers: int, indices: Sequence[int] | None = None, *,
+                 augment: str | None = None, seeds: Sequence[int] | None = None,
+                 ) -> Iterator[torch.Tensor]:
+    """Preprocessed batches of ``images`` (or of the items at ``indices``), in order.
+
+    With ``num_workers > 0``, image files are decoded and resized by that many
+    threads, up to two batches ahead of the consumer, while the network runs:
+    PIL's decoders, torch's resize and both engines release the GIL, and
+    threads, unlike DataLoader processes, cost nothing to start on every call
+    (a grid search transforms dozens of times). At most ``2 * batch_size``
+    decoded images are held at once. ``augment`` and ``seeds`` are those of
+    :class:`ImageDataset`: with seeds, the batches do not depend on
+    ``num_workers``.
+    """
+    dataset = ImageDataset(images, config, indices, augment, seeds)
+    decode = any(isinstance(images[i], str | os.PathLike) for i in dataset.indices[:1])
+    if num_workers == 0 or not decode or len(dataset) <= batch_size:
+        for start in range(0, len(dataset), batch_size):
+            yield torch.stack([dataset[k] for k in range(start, min(start + batch_size,
+                                                                     len(dataset)))])
+        return
+    window = 2 * batch_size
+    with ThreadPoolExecutor(num_workers, thread_name_prefix="skt-decode") as pool:
+        pending: deque = deque()
+        submitted = 0
+        batch: list = []
+        try:
+            while submitted < len(dataset) or pending:
+                while submitted < len(dataset) and len(pending) < window:
+                    pending.append(pool.submit(dataset.__getitem__, submitted))
+                    submitted += 1
+                batch.append(pending.popleft().result())
+                if len(batch) == batch_size or (not pending and submitted == len(dataset)):
+                    yield torch.stack(batch)
+                    batch = []
+        finally:  # an error or an abandoned iterator: do not decode the rest
+            for future in pending:
+                future.cancel()

@@ -1,0 +1,106 @@
+"""What a network expects of its input, and the transform that gives it that."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torchvision.transforms.v2.functional as TF
+
+__all__ = ["AUGMENTATIONS", "IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing", "preprocess",
+           "random_crop_box"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+AUGMENTATIONS = (None, "flip", "standard")
+"""Values of ``augment``: none, random horizontal flips, random resized crops with flips."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Resize, centre-crop and normalisation applied to every image.
+
+    Images are resized so that their shorter side is ``resize_size`` (keeping
+    the aspect ratio), centre-cropped to ``crop_size`` x ``crop_size``, scaled
+    to [0, 1] and normalised with ``mean`` and ``std`` per RGB channel.
+    """
+
+    crop_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    @property
+    def crop_fraction(self) -> float:
+        return self.crop_size / self.resize_size
+
+
+def _finish(image: torch.Tensor, config: Preprocessing) -> torch.Tensor:
+    image = TF.to_dtype(image, torch.float32, scale=True)
+    if config.interpolation != "nearest":
+        image = image.clamp(0, 1)  # bicubic overshoots
+    return TF.normalize(image, config.mean, config.std)
+
+
+def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
+    return low + (high - low) * float(torch.rand((), generator=generator))
+
+
+def random_crop_box(height: int, width: int, generator: torch.Generator | None = None,
+                    scale: tuple[float, float] = (0.25, 1.0),
+                    ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """``(top, left, height, width)`` of a random crop, as Inception's training crops.
+
+    Its area is a uniform fraction ``scale`` of the image's and its aspect
+    ratio log-uniform in ``ratio``; after ten draws that do not fit, the
+    largest centred crop within ``ratio``.
+    """
+    area = height * width
+    for _ in range(10):
+        target = area * _uniform(*scale, generator)
+        aspect = math.exp(_uniform(math.log(ratio[0]), math.log(ratio[1]), generator))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (), generator=generator))
+            return top, left, h, w
+    aspect = min(max(width / height, ratio[0]), ratio[1])
+    w, h = (width, round(width / aspect)) if width / height < aspect else (
+        round(height * aspect), height)
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def preprocess(image: torch.Tensor, config: Preprocessing, augment: str | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Resize, crop and normalise one ``(3, H, W)`` image.
+
+    ``augment=None`` is the evaluation transform: resize the shorter side,
+    centre-crop. ``"flip"`` adds a random horizontal flip; ``"standard"`` is a
+    random resized crop (:func:`random_crop_box`, scale 0.25-1, aspect
+    3/4-4/3) plus a flip. Random draws come from ``generator`` (torch's
+    global generator when None).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skt.images import Preprocessing, preprocess
+    >>> config = Preprocessing(crop_size=8, resize_size=10, mean=(0.5,) * 3, std=(0.5,) * 3)
+    >>> out = preprocess(torch.full((3, 20, 30), 255, dtype=torch.uint8), config)
+    >>> tuple(out.shape), float(out.max())  # (255 / 255 - 0.5) / 0.5
+    ((3, 8, 8), 1.0)
+    """
+    interpolation = TF.InterpolationMode(config.interpolation)
+    if augment == "standard":
+        top, left, height, width = random_crop_box(*image.shape[-2:], generator)
+        image = TF.resized_crop(image, top, left, height, width,
+                                [config.crop_size, config.crop_size],
+                                interpolation=interpolation, antialias=True)
+    else:
+        image = TF.resize(image, config.resize_size, interpolation=interpolation, antialias=True)
+        image = TF.center_crop(image, config.crop_size)
+    if augment in ("flip", "standard") and torch.rand((), generator=generator) < 0.5:
+        image = TF.horizontal_flip(image)
+    return _finish(image, config)

@@ -1,0 +1,68 @@
+"""Training a classifier network: the loop, its state and the pieces it is made of.
+
+This is the extension point of :class:`skt.FineTuneClassifier`:
+
+- :class:`TrainingLoop`: the steps (``train_step``, ``get_loss``,
+  ``validation_step``, ...), each a method a subclass may override;
+- :class:`Callback` and the built-in :class:`ProgressBar`,
+  :class:`EarlyStopping` and :class:`Checkpoint`: what happens on named
+  events around the steps, passed with ``FineTuneClassifier(callbacks=...)``;
+- :class:`TrainingState`: everything that changes while training;
+- :class:`FreezePlan`, :func:`make_optimizer`, :func:`make_scheduler`,
+  :func:`l2sp_penalty`, :func:`distillation_loss`, :class:`ImageBatches` and
+  the checkpoint files: the parts, usable on their own.
+"""
+
+from skt.training._callbacks import Callback, Checkpoint, EarlyStopping, ProgressBar
+from skt.training._checkpoint import (
+    CHECKPOINT_FORMAT,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from skt.training._data import CACHE_BYTES, ImageBatches
+from skt.training._freeze import (
+    FreezePlan,
+    backbone_parameters,
+    fixed_statistics,
+    make_freeze_plan,
+    matches,
+)
+from skt.training._loop import TrainingLoop
+from skt.training._optim import WarmupSchedule, make_optimizer, make_scheduler
+from skt.training._regularizers import (
+    DEFAULT_ALPHA,
+    LWF_TEMPERATURE,
+    distillation_loss,
+    l2sp_penalty,
+    record_head_input,
+)
+from skt.training._state import TrainingState
+
+__all__ = [
+    "CACHE_BYTES",
+    "CHECKPOINT_FORMAT",
+    "DEFAULT_ALPHA",
+    "LWF_TEMPERATURE",
+    "Callback",
+    "Checkpoint",
+    "EarlyStopping",
+    "FreezePlan",
+    "ImageBatches",
+    "ProgressBar",
+    "TrainingLoop",
+    "TrainingState",
+    "WarmupSchedule",
+    "backbone_parameters",
+    "distillation_loss",
+    "fixed_statistics",
+    "l2sp_penalty",
+    "load_checkpoint",
+    "make_freeze_plan",
+    "make_optimizer",
+    "make_scheduler",
+    "matches",
+    "read_checkpoint",
+    "record_head_input",
+    "save_checkpoint",
+]

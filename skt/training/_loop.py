@@ -1,0 +1,221 @@
+"""The training loop of :class:`skt.FineTuneClassifier`, one overridable method per step.
+
+:class:`TrainingLoop` is a mixin: the estimator inherits its steps, and a
+subclass overrides any one of them::
+
+    init_state            the TrainingState: freeze plan, optimiser, schedule, regulariser
+    fit_loop              epochs from state.epoch to max_iter, or until a callback stops it
+      begin_epoch         what is frozen this epoch; BatchNorm modes
+      train_epoch         one pass over the shuffled training batches
+        train_step        zero_grad, infer, get_loss, backward, optimizer and scheduler step
+          infer           the network's logits
+          get_loss        cross-entropy with class weights, plus the regulariser
+      validation_score    accuracy on the held-out split (when there is one)
+        validation_step   logits in eval mode
+      end_epoch           records the epoch in state.history
+
+Around the steps, the callbacks in ``state.callbacks`` are notified of
+``on_train_begin``, ``on_epoch_begin``, ``on_batch_end``, ``on_epoch_end``
+and ``on_train_end`` (see :mod:`skt.training._callbacks`). Every step
+receives the :class:`TrainingState`; hyper-parameters are read from the
+estimator (``self``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from skt._utils import memory_format
+from skt.training._freeze import fixed_statistics, make_freeze_plan
+from skt.training._optim import make_optimizer, make_scheduler
+from skt.training._regularizers import (
+    DEFAULT_ALPHA,
+    distillation_loss,
+    l2sp_penalty,
+    record_head_input,
+)
+from skt.training._state import TrainingState
+
+__all__ = ["TrainingLoop"]
+
+
+class TrainingLoop:
+    """Training steps of a classifier network, each a method a subclass may override.
+
+    The estimator provides the hyper-parameters the steps read: ``max_iter``,
+    ``freeze``, ``unfreeze_schedule``, ``batchnorm``, ``optimizer``,
+    ``learning_rate_init``, ``backbone_lr_scale``, ``weight_decay``,
+    ``lr_schedule``, ``warmup``, ``regularization``, ``alpha`` and ``beta``.
+    """
+
+    def init_state(self, model: nn.Module, head_name: str, pretrained: nn.Module,
+                   stages: tuple[tuple[str, ...], ...], *, device: torch.device,
+                   generator: torch.Generator, steps_per_epoch: int,
+                   class_weight: torch.Tensor | None = None) -> TrainingState:
+        """The state to train ``model`` (moved to ``device``), whose classifier is ``head_name``.
+
+        ``pretrained`` is the network before fine-tuning: the anchor of L2-SP,
+        the teacher of learning without forgetting, and the source of the
+        BatchNorm statistics that stay fixed; ``stages`` are its declared
+        stages (what ``freeze=<int>`` counts).
+        """
+        freeze = make_freeze_plan(self.freeze, self.unfreeze_schedule, model, head_name, stages)
+        model.to(device=device, memory_format=memory_format(device))
+        state = TrainingState(model=model, head_name=head_name, optimizer=None, scheduler=None,
+                              device=device, generator=generator, freeze=freeze,
+                              fixed_statistics=fixed_statistics(pretrained, self.batchnorm),
+                              class_weight=class_weight)
+        if self.regularization == "lwf":
+            state.source = copy.deepcopy(pretrained).eval().requires_grad_(False).to(
+                device=device, memory_format=memory_format(device))
+            state.source_head = copy.deepcopy(pretrained.get_submodule(head_name)).to(device)
+        backbone = list(state.backbone_parameters())
+        trained = [p for name, p in backbone if freeze.ever_trained(name, self.max_iter)]
+        if state.source_head is not None:
+            trained += list(state.source_head.parameters())
+        state.optimizer = make_optimizer(
+            list(state.head.parameters()), trained, kind=self.optimizer,
+            learning_rate=self.learning_rate_init, backbone_lr_scale=self.backbone_lr_scale,
+            # the L2-SP penalty replaces weight decay
+            weight_decay=0.0 if self.regularization == "l2sp" else self.weight_decay)
+        state.scheduler = make_scheduler(state.optimizer, self.max_iter * steps_per_epoch,
+                                         schedule=self.lr_schedule, warmup=self.warmup)
+        if self.regularization == "l2sp":
+            reference = dict(pretrained.named_parameters())
+            state.anchor = {name: reference[name].detach().to(device) for name, p in backbone
+                            if name in reference and reference[name].shape == p.shape}
+        return state
+
+    def notify(self, event: str, state: TrainingState, **kwargs) -> None:
+        """Call ``event`` on every callback of ``state``, in order."""
+        for callback in state.callbacks:
+            getattr(callback, event)(self, state, **kwargs)
+
+    def fit_loop(self, state: TrainingState, train: Iterable, valid: Iterable | None) -> None:
+        """Run epochs from ``state.epoch`` up to ``max_iter``, or until ``state.stopped``."""
+        state.batches_per_epoch = len(train)
+        remove = record_head_input(state) if state.source is not None else None
+        try:
+            self.notify("on_train_begin", state)
+            while state.epoch < self.max_iter and not state.stopped:
+                self.notify("on_epoch_begin", state)
+                self.begin_epoch(state)
+                loss = self.train_epoch(state, train)
+                score = None if valid is None else self.validation_score(state, valid)
+                self.end_epoch(state, loss, score)
+                self.notify("on_epoch_end", state)
+        finally:
+            if remove is not None:
+                remove()
+        self.notify("on_train_end", state)
+
+    def begin_epoch(self, state: TrainingState) -> None:
+        """Apply this epoch's freezing and set each BatchNorm layer's mode.
+
+        Frozen layers, and those in ``state.fixed_statistics``, run in eval
+        mode: they normalise with their pretrained running statistics (their
+        affine parameters may still train). The others normalise with batch
+        statistics and keep as running statistics the plain average over the
+        epoch (``momentum=None``, restarted every epoch), which at its end
+        describes this data under this epoch's weights.
+        """
+        for name, parameter in state.backbone_parameters():
+            parameter.requires_grad_(not state.freeze.is_frozen(name, state.epoch))
+        state.model.train()
+        for name, module in state.model.named_modules():
+            if not isinstance(module, _BatchNorm):
+                continue
+            own = list(module.parameters(recurse=False))
+            frozen = (not any(p.requires_grad for p in own) if own
+                      else state.freeze.is_frozen(name, state.epoch))
+            if frozen or name in state.fixed_statistics:
+                module.eval()
+            elif module.track_running_stats:
+                module.momentum = None
+                module.reset_running_stats()
+
+    def train_epoch(self, state: TrainingState, batches: Iterable) -> float:
+        """One pass over ``batches``; returns the mean training loss."""
+        total = torch.zeros((), dtype=torch.float64)
+        count = 0
+        for images, y in batches:
+            loss = self.train_step(state, images, y)
+            total += loss.double() * len(y)  # no sync with the device until the epoch ends
+            count += len(y)
+            self.notify("on_batch_end", state, loss=loss)
+        return float(total) / max(count, 1)
+
+    def to_device(self, state: TrainingState, images: torch.Tensor, y: torch.Tensor):
+        """A batch on the training device, images in its preferred memory format."""
+        images = images.to(state.device, non_blocking=True).contiguous(
+            memory_format=state.memory_format)
+        return images, y.to(state.device, non_blocking=True)
+
+    def train_step(self, state: TrainingState, images: torch.Tensor,
+                   y: torch.Tensor) -> torch.Tensor:
+        """One optimisation step on a batch; returns the detached loss."""
+        images, y = self.to_device(state, images, y)
+        state.optimizer.zero_grad(set_to_none=True)
+        logits = self.infer(state, images)
+        loss = self.get_loss(state, logits, y, images, training=True)
+        loss.backward()
+        state.optimizer.step()
+        state.scheduler.step()
+        return loss.detach()
+
+    def infer(self, state: TrainingState, images: torch.Tensor) -> torch.Tensor:
+        """Logits of the network for a batch already on the device."""
+        return state.model(images)
+
+    def get_loss(self, state: TrainingState, logits: torch.Tensor, y: torch.Tensor,
+                 images: torch.Tensor | None = None, training: bool = False) -> torch.Tensor:
+        """Cross-entropy (weighted by class) combined with the regulariser.
+
+        ``"l2sp"`` adds :func:`~skt.training.l2sp_penalty`; ``"lwf"`` returns
+        ``alpha * L_source + (1 - alpha) * L_target`` with ``L_source`` the
+        :func:`~skt.training.distillation_loss`.
+        """
+        loss = F.cross_entropy(logits, y, weight=state.class_weight)
+        if not training or self.regularization == "none":
+            return loss
+        alpha = DEFAULT_ALPHA[self.regularization] if self.alpha is None else self.alpha
+        if self.regularization == "l2sp":
+            return loss + l2sp_penalty(state, alpha, self.beta)
+        return alpha * distillation_loss(state, images) + (1 - alpha) * loss
+
+    def validation_step(self, state: TrainingState, images: torch.Tensor,
+                        y: torch.Tensor) -> torch.Tensor:
+        """Logits for a validation batch, in eval mode and without gradients."""
+        images, _ = self.to_device(state, images, y)
+        with torch.inference_mode():
+            return self.infer(state, images)
+
+    def validation_score(self, state: TrainingState, batches: Iterable) -> float:
+        """Accuracy on the validation split, as ``score`` would report it.
+
+        Leaves the network in eval mode; the next epoch sets its modes again.
+        """
+        state.model.eval()
+        correct = torch.zeros((), dtype=torch.long)
+        count = 0
+        for images, y in batches:
+            logits = self.validation_step(state, images, y)
+            correct += (logits.argmax(1).cpu() == y).sum()
+            count += len(y)
+        return int(correct) / count
+
+    def end_epoch(self, state: TrainingState, loss: float, score: float | None) -> None:
+        """Record the epoch in ``state.history``; a non-finite loss stops training with advice."""
+        state.epoch += 1
+        state.history.append({"epoch": state.epoch, "train_loss": loss, "valid_score": score})
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"The training loss became {loss} in epoch {state.epoch}. Lower "
+                "learning_rate_init, or use lr_schedule with a longer warmup.")

@@ -1,0 +1,89 @@
+"""Everything that changes while a network trains, in one object the steps share."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from skt._utils import memory_format
+from skt.training._freeze import FreezePlan, backbone_parameters
+
+__all__ = ["TrainingState"]
+
+
+@dataclass(eq=False)
+class TrainingState:
+    """Everything that changes while a network trains.
+
+    Attributes
+    ----------
+    model : nn.Module
+        The network.
+    head_name : str
+        Module name of its classifier (:attr:`head`), one output per class.
+    optimizer, scheduler
+        The optimiser and its per-step learning-rate schedule.
+    device : torch.device
+    generator : torch.Generator
+        Shuffles the batches and seeds their augmentation.
+    freeze : FreezePlan
+    fixed_statistics : frozenset of str
+        BatchNorm layers that keep their running statistics, even while they train.
+    class_weight : Tensor or None
+        Cross-entropy weight of each class.
+    anchor : dict of str to Tensor
+        L2-SP: the pretrained value of every backbone parameter that trains.
+    source, source_head : nn.Module or None
+        Learning without forgetting: the original network (frozen, eval mode)
+        and a copy of its classifier, trained on the penultimate features.
+    penultimate : Tensor or None
+        The head's input in the last forward pass, when something records it.
+    epoch : int
+        Completed epochs; the next one to run.
+    history : list of dict
+        One row per completed epoch: ``epoch`` (counted from 1),
+        ``train_loss``, ``valid_score`` (None without a validation split) and
+        anything callbacks add.
+    stopped : bool
+        Set by a callback (early stopping) to end training after this epoch.
+    callbacks : list of Callback
+        Notified on each event, in order.
+    batches_per_epoch : int
+        Optimisation steps in one epoch.
+    """
+
+    model: nn.Module
+    head_name: str
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    generator: torch.Generator
+    freeze: FreezePlan = field(default_factory=FreezePlan)
+    fixed_statistics: frozenset[str] = frozenset()
+    class_weight: torch.Tensor | None = None
+    anchor: dict[str, torch.Tensor] = field(default_factory=dict)
+    source: nn.Module | None = None
+    source_head: nn.Linear | None = None
+    penultimate: torch.Tensor | None = None
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: bool = False
+    callbacks: list[Any] = field(default_factory=list)
+    batches_per_epoch: int = 0
+
+    @property
+    def head(self) -> nn.Linear:
+        """The classifier being trained."""
+        return self.model.get_submodule(self.head_name)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return memory_format(self.device)
+
+    def backbone_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Named parameters of the network outside its classifier."""
+        return backbone_parameters(self.model, self.head_name)

@@ -1,0 +1,217 @@
+"""skt.extract: truncation, the feature model, engines, device choice, the shared path."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import skt.extract._engines
+import skt.extractor
+from skt import FeatureExtractor, cache_info
+from skt.backbones import PRE_LOGITS, resolve_backbone
+from skt.cache import FeatureCache
+from skt.extract import (
+    FeatureModel,
+    FeatureRuntime,
+    build_feature_model,
+    extract_into,
+    resolve_device,
+    truncate,
+)
+from skt.images import as_image_list
+
+from .conftest import TINY, require
+
+ONNX = {**TINY, "engine": "onnx"}
+
+
+@pytest.fixture(autouse=True)
+def _onnx(request):
+    if "onnx" in request.node.name or "graph" in request.node.name:
+        require("onnxruntime", "pip install 'skt[onnx]'")
+
+
+# ------------------------------------------------------------- truncation --
+
+def test_truncate_at_pre_logits_gives_the_classifier_input():
+    backbone = resolve_backbone("resnet18", weights=None, random_state=0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        pooled = backbone.model.avgpool(nn.Sequential(*list(backbone.model.children())[:-2])(x))
+        cut = truncate(backbone.model, [PRE_LOGITS], backbone.classifier)(x)
+    assert list(cut) == [PRE_LOGITS]
+    torch.testing.assert_close(cut[PRE_LOGITS], pooled.flatten(1))
+
+
+def test_truncate_returns_named_layers_and_the_classifier_output():
+    backbone = resolve_backbone("resnet18", weights=None, random_state=0)
+    model = backbone.model
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        logits = model(x)
+        layer1 = model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x)))))
+        out = truncate(model, ["layer1", "fc"], backbone.classifier)(x)
+    torch.testing.assert_close(out["layer1"], layer1)
+    torch.testing.assert_close(out["fc"], logits)
+
+
+def test_feature_model_layout_and_summaries():
+    backbone = resolve_backbone("resnet18", weights=None, random_state=0)
+    model, layout = build_feature_model(backbone.model, backbone.classifier, 32,
+                                        ["layer3"], "avg")
+    assert isinstance(model, FeatureModel)
+    assert [(layer.name, layer.kind, layer.width) for layer in layout] == [
+        ("layer3", "stats", 3 * 256)]
+    with torch.inference_mode():
+        (summary,) = model(torch.randn(3, 3, 32, 32))
+    assert summary.shape == (3, 768) and summary.dtype == torch.float32
+    _, flat = build_feature_model(
+        resolve_backbone("resnet18", weights=None).model, "fc", 32, ["layer3"], "flatten")
+    assert flat[0].kind == "flat" and flat[0].width == 256 * 2 * 2
+
+
+def test_a_layer_that_is_not_one_tensor_is_refused():
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair = Pair()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent: FX cannot trace it, so layers come from hooks
+                x = x * 2
+            return self.fc(self.pair(x)[0].mean((2, 3)))
+
+    with pytest.raises(TypeError, match="Layer 'pair' returns a tuple, not a tensor"):
+        build_feature_model(Net(), "fc", 16, ["pair"], "avg")
+
+
+# ---------------------------------------------------------------- device --
+
+def test_resolve_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"device='gpu' is not a torch device; use 'auto'"):
+        resolve_device("gpu")
+    with pytest.raises(ValueError, match=r"device='cuda:1' is not available on this machine"):
+        resolve_device("cuda:1")
+    with pytest.warns(RuntimeWarning, match="is not available on this machine; using the CPU"):
+        assert resolve_device("cuda", fallback=True) == torch.device("cpu")
+
+
+# ------------------------------------------------------------ shared path --
+
+def test_extract_into_with_and_without_a_cache(images, tmp_path):
+    backbone = resolve_backbone("resnet18", weights=None, image_size=32, random_state=0)
+    runtime = FeatureRuntime(backbone.model, backbone.classifier, backbone.preprocessing,
+                             ["layer2", "layer4"], "avgmax", device=torch.device("cpu"))
+    assert [layer.width for layer in runtime.layout] == [3 * 128, 3 * 512]
+    items = as_image_list(images)
+    plain = extract_into(np.zeros((8, 2 * (128 + 512)), np.float32), items, runtime, "avgmax",
+                         batch_size=3, num_workers=0)
+    layer2, layer4 = (np.concatenate(parts) for parts in zip(
+        *(summaries for _, summaries in runtime.summaries(items, range(8), 8, 0)), strict=True))
+    by_hand = np.concatenate([layer2[:, :128], layer2[:, 128:256],  # avg, max per channel
+                              layer4[:, :512], layer4[:, 512:1024]], axis=1)
+    np.testing.assert_allclose(plain, by_hand, rtol=1e-6, atol=1e-6)
+    cached = extract_into(np.zeros_like(plain), items, runtime, "avgmax", batch_size=3,
+                          num_workers=0, cache=FeatureCache(tmp_path),
+                          description={"net": "resnet18"})
+    np.testing.assert_allclose(cached, plain, rtol=1e-5, atol=1e-6)
+    assert cache_info(tmp_path)["entries"] == 2 * 8
+
+
+# ---------------------------------------------------------------- engines --
+
+@pytest.fixture(scope="module")
+def pictures():
+    return np.random.default_rng(1).integers(0, 256, size=(6, 40, 40, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"pooling": "avg", "layers": "layer3"},
+        {"pooling": "max", "layers": "layer3"},
+        {"pooling": "gem", "layers": "layer3"},
+        {"pooling": "avgmax", "layers": "layer3"},
+        {"pooling": "flatten", "layers": "layer3"},
+        {"layers": ["layer1", "layer4"], "pooling": "avgmax"},
+        {},
+    ],
+)
+def test_onnx_matches_torch(pictures, params):
+    onnx = FeatureExtractor(**{**ONNX, **params}).fit(pictures)
+    torch_ = FeatureExtractor(**{**TINY, **params}).fit(pictures)
+    assert (onnx.engine_, torch_.engine_) == ("onnx", "torch")
+    np.testing.assert_allclose(onnx.transform(pictures), torch_.transform(pictures),
+                               rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.pretrained
+def test_onnx_matches_torch_on_real_lite0(pictures):
+    onnx = FeatureExtractor(engine="onnx", layers=["blocks.10", "head_act"]).fit(pictures)
+    torch_ = FeatureExtractor(engine="torch", layers=["blocks.10", "head_act"]).fit(pictures)
+    np.testing.assert_allclose(onnx.transform(pictures), torch_.transform(pictures),
+                               rtol=1e-3, atol=1e-4)
+
+
+def test_auto_prefers_onnx_on_the_cpu(pictures, capsys):
+    extractor = FeatureExtractor(**{**TINY, "engine": "auto"}, verbose=1).fit(pictures)
+    assert extractor.engine_ == "onnx"
+    assert "with the onnx engine on cpu" in capsys.readouterr().err
+
+
+def test_export_failure_falls_back_to_torch_with_the_reason(pictures, monkeypatch):
+    def broken(model, size):
+        raise RuntimeError("unsupported operator aten::weird")
+
+    monkeypatch.setattr(skt.extract._engines, "_export_onnx", broken)
+    with pytest.warns(RuntimeWarning, match=r"ONNX export failed \(unsupported operator "
+                                            r"aten::weird\); using the torch engine"):
+        extractor = FeatureExtractor(**{**TINY, "engine": "auto", "layers": "layer1"}
+                                     ).fit(pictures)
+    assert extractor.engine_ == "torch"
+
+
+def test_explicit_onnx_without_onnxruntime(pictures, monkeypatch):
+    monkeypatch.setattr(skt.extract._engines, "onnx_available", lambda: False)
+    with pytest.raises(ImportError, match=r"pip install 'skt\[onnx\]'"):
+        FeatureExtractor(**{**ONNX, "layers": "layer2"}).fit(pictures)
+    assert FeatureExtractor(**{**TINY, "engine": "auto", "layers": "layer2"}
+                            ).fit(pictures).engine_ == "torch"
+
+
+def test_exported_graph_is_kept_in_the_cache(pictures, tmp_path, monkeypatch):
+    first = FeatureExtractor(**{**ONNX, "layers": "layer2", "cache": tmp_path}).fit(pictures)
+    graphs = list((tmp_path / "skt-features").rglob("graph-*.onnx"))
+    assert len(graphs) == 1 and graphs[0].stat().st_size > 100_000
+    skt.extractor._RUNTIMES.clear()  # as in a new process
+
+    def no_export(model, size):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(skt.extract._engines, "_export_onnx", no_export)
+    second = FeatureExtractor(**{**ONNX, "layers": "layer2", "cache": tmp_path}).fit(pictures)
+    assert second.engine_ == "onnx"
+    np.testing.assert_array_equal(first.transform(pictures), second.transform(pictures))
+
+
+def test_without_a_cache_graphs_go_to_skt_cache_dir(pictures, tmp_path, monkeypatch):
+    monkeypatch.setenv("SKT_CACHE_DIR", str(tmp_path))
+    first = FeatureExtractor(**{**ONNX, "layers": "layer1"}).fit(pictures)
+    assert len(list(tmp_path.rglob("graph-*.onnx"))) == 1
+    skt.extractor._RUNTIMES.clear()
+
+    def no_export(model, size):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(skt.extract._engines, "_export_onnx", no_export)
+    second = FeatureExtractor(**{**ONNX, "layers": "layer1"}).fit(pictures)
+    np.testing.assert_array_equal(first.transform(pictures), second.transform(pictures))

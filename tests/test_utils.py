@@ -1,0 +1,96 @@
+"""skt._utils: the helpers written once."""
+
+import os
+import threading
+
+import pytest
+import torch
+
+from skt._utils import (
+    LRU,
+    atomic_open,
+    atomic_write,
+    available_cores,
+    close_matches,
+    memory_format,
+    resolve_num_workers,
+)
+
+
+def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "deep" / "file.bin"
+    atomic_write(path, b"first")
+    atomic_write(path, b"second", durable=True)
+    assert path.read_bytes() == b"second"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["file.bin"]
+
+
+def test_a_failed_write_keeps_the_previous_content(tmp_path):
+    path = tmp_path / "file.bin"
+    atomic_write(path, b"kept")
+    with pytest.raises(RuntimeError, match="disk on fire"), atomic_open(path) as handle:
+        handle.write(b"half")
+        raise RuntimeError("disk on fire")
+    assert path.read_bytes() == b"kept"
+    assert os.listdir(tmp_path) == ["file.bin"]
+
+
+def test_lru_by_count_evicts_the_least_recently_used():
+    cache = LRU(max_items=2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # "a" is now the most recent
+    cache.put("c", 3)
+    assert (cache.get("a"), cache.get("b"), cache.get("c")) == (1, None, 3)
+    cache.put("a", 99)  # an existing key keeps its value
+    assert cache.get("a") == 1 and len(cache) == 2
+
+
+def test_lru_by_bytes_and_clear():
+    cache = LRU(max_bytes=10, size_of=len)
+    cache.put(1, b"12345")
+    cache.put(2, b"123456")  # 11 bytes: the oldest goes
+    assert cache.get(1) is None and cache.get(2) == b"123456" and cache.nbytes == 6
+    cache.clear()
+    assert len(cache) == 0 and cache.nbytes == 0
+
+
+def test_get_or_make_makes_once_and_shares_across_threads():
+    cache = LRU(max_items=4)
+    made = []
+    barrier = threading.Barrier(4)
+
+    def make():
+        made.append(1)
+        return object()
+
+    results = []
+
+    def worker():
+        barrier.wait()
+        results.append(cache.get_or_make("key", make))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({id(r) for r in results}) == 1  # every thread got the kept value
+    assert cache.get_or_make("key", make) is results[0]
+
+
+def test_num_workers_default_and_explicit(monkeypatch):
+    assert resolve_num_workers(0) == 0 and resolve_num_workers(3) == 3
+    monkeypatch.setattr("skt._utils.available_cores", lambda: 2)
+    assert resolve_num_workers(None) == 2
+    monkeypatch.setattr("skt._utils.available_cores", lambda: 64)
+    assert resolve_num_workers(None) == 4
+    assert available_cores() >= 1
+
+
+def test_memory_format_and_close_matches():
+    assert memory_format("cpu") == torch.channels_last
+    assert memory_format(torch.device("meta")) == torch.contiguous_format
+    assert close_matches("layer5", ["layer4", "layer3", "fc"]) == (
+        " Close matches: ['layer4', 'layer3'].")
+    assert close_matches("zzz", ["layer4"]) == ""
