@@ -1,7 +1,34 @@
 """The ``skt`` command line: extract features, list backbones and layers, manage the cache.
 
-Errors are one line on stderr (``skt: error: ...``) with exit status 1; usage
-errors exit with status 2, as argparse does.
+Exit statuses:
+
+0
+    Success, ``--help`` and ``--version`` included.
+1
+    The command failed: one line on stderr, ``skt: error: <what and what to
+    do>``, and no traceback.
+2
+    A usage error (unknown option, missing argument, invalid choice):
+    argparse's usage line, then ``skt: error: ...`` (``skt extract: error:
+    ...`` for a command's own arguments); the convention of every argparse
+    program.
+130
+    Interrupted with Ctrl-C (128 + SIGINT).
+141
+    The reader of the output went away (``skt backbones | head -1``): nothing
+    more is printed, and the status is the one a shell reports for ``cat``,
+    ``seq`` or ``grep`` killed by SIGPIPE in the same place (128 + SIGPIPE).
+    Not 0, because a closed pipe can stop a command before its work is done:
+    in ``skt extract ... -o f.npy 2>&1 | head -1`` the first progress line
+    nobody reads ends the extraction, and 0 would vouch for an ``f.npy``
+    still mostly zeros. Not 1, which promises a message. A shell takes a
+    pipeline's status from its last command, so ``skt backbones | head -1``
+    succeeds unless ``set -o pipefail`` asks otherwise, as for those tools.
+
+``--help``, ``--version`` and ``cache`` import neither torch nor scikit-learn,
+nor numpy for the first two: each command imports what it needs when it runs,
+so start-up stays a fraction of a second (``tests/test_cli.py`` checks the
+imports).
 """
 
 from __future__ import annotations
@@ -15,7 +42,7 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
+from skt._version import __version__
 
 __all__ = ["main"]
 
@@ -87,6 +114,8 @@ def _extractor(args: argparse.Namespace):
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
+    import numpy as np
+
     output = Path(args.output)
     if output.suffix not in (".npy", ".npz"):
         raise CommandError(f"-o {args.output!r}: the output must end in .npy or .npz.")
@@ -110,6 +139,8 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 def _write_npz(output: Path, extractor, paths, labels, shape) -> None:
     """Features go through an on-disk .npy first, so memory stays flat."""
+    import numpy as np
+
     with tempfile.TemporaryDirectory(dir=output.parent) as scratch:
         staged = Path(scratch) / "features.npy"
         features = np.lib.format.open_memmap(staged, mode="w+", dtype=np.float32, shape=shape)
@@ -135,13 +166,13 @@ def cmd_backbones(args: argparse.Namespace) -> None:
 
 
 def cmd_layers(args: argparse.Namespace) -> None:
-    from skt import list_layers
+    from skt.backbones import list_layers
 
     print("\n".join(list_layers(args.backbone)))
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
-    from skt import cache_info, clear_cache
+    from skt.cache import cache_info, clear_cache
 
     if args.action == "clear":
         freed = clear_cache(args.path, max_bytes=args.max_bytes)
@@ -167,6 +198,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="skt", description="Pretrained CNN features for scikit-learn.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     extract = commands.add_parser(
@@ -213,10 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``skt`` and ``python -m skt``; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    """Entry point of ``skt`` and ``python -m skt``; returns the exit status (see above)."""
     try:
-        args.run(args)
+        status = _parse_and_run(argv)
+        sys.stdout.flush()  # so a closed pipe is met here, not while Python exits
+    except BrokenPipeError:
+        _discard_unwritable_output()
+        return 141
     except (CommandError, ValueError, TypeError, OSError, ImportError) as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"skt: error: {message}", file=sys.stderr)
@@ -224,7 +259,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("skt: interrupted", file=sys.stderr)
         return 130
+    return status
+
+
+def _parse_and_run(argv: Sequence[str] | None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: 0 after --help and --version, 2 for usage errors
+        return int(exc.code or 0)
+    args.run(args)
     return 0
+
+
+def _discard_unwritable_output() -> None:
+    """Point stdout and stderr, if their pipe is closed, at os.devnull.
+
+    What is still buffered for a closed pipe would otherwise fail again when
+    Python flushes it at exit: "Exception ignored ... BrokenPipeError" and
+    status 120 (the recipe in
+    https://docs.python.org/3/library/signal.html#note-on-sigpipe).
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
 
 
 if __name__ == "__main__":
