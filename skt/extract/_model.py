@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from skt.backbones import PRE_LOGITS, TRACER_KWARGS, layer_names
+from skt.backbones import PRE_LOGITS, TRACER_KWARGS
 from skt.pooling import LayerLayout, summarize, summary_kind
 
 __all__ = ["FeatureModel", "build_feature_model", "truncate"]
@@ -72,9 +72,13 @@ def truncate(model: nn.Module, layers: list[str], classifier: str | None) -> nn.
         if classifier is None and hasattr(model, "features"):
             return _traced(model, {"features": PRE_LOGITS})
         return _PreLogits(model, classifier)
-    if layer_names(model)[1]:
+    try:
         return _traced(model, list(layers))
-    return _Hooked(model, list(layers))
+    except Exception:  # FX cannot trace data-dependent control flow: read modules by hooks
+        modules = dict(model.named_modules())
+        if not all(name in modules for name in layers):
+            raise
+        return _Hooked(model, list(layers))
 
 
 class FeatureModel(nn.Module):

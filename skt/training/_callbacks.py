@@ -99,9 +99,6 @@ class ProgressBar(Callback):
             self._bar.close()
             self._bar = None
 
-    def __deepcopy__(self, memo):  # a bar is per fit, never copied into a clone
-        return ProgressBar()
-
 
 class EarlyStopping(Callback):
     """Stop when the validation score has not improved for ``patience`` epochs.
@@ -163,9 +160,6 @@ class EarlyStopping(Callback):
         self.best_epoch = state["best_epoch"]
         self._best_weights = state["best_weights"]
         self._waited = state["waited"]
-
-    def __deepcopy__(self, memo):  # clones start afresh, without the last fit's weights
-        return EarlyStopping(self.patience, self.restore_best)
 
 
 class Checkpoint(Callback):
