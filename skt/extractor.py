@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import sys
 from dataclasses import asdict
@@ -351,8 +352,11 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         if out.shape != (len(images), self.n_features_out_):
             raise ValueError(f"out has shape {out.shape}; expected "
                              f"{(len(images), self.n_features_out_)}.")
+        # off a terminal (a log file), the bar is drawn when it starts and ends only
+        terminal = sys.stderr.isatty()
         with tqdm(total=len(images), disable=not self.verbose, unit="img",
-                  desc=f"skt {self._label()}") as progress:
+                  desc=f"skt {self._label()}", mininterval=0.1 if terminal else math.inf,
+                  ) as progress:
             extract_into(out, images, self._get_runtime(), self.pooling,
                          batch_size=self.batch_size,
                          num_workers=resolve_num_workers(self.num_workers),

@@ -27,10 +27,10 @@ from skt._base import BACKBONE_CONSTRAINTS, RUNTIME_CONSTRAINTS, ImageEstimatorM
 from skt._sklearn import Interval, StrOptions, _fit_context
 from skt._utils import resolve_num_workers
 from skt.backbones import PRE_LOGITS, Backbone, resolve_backbone
-from skt.cache import fingerprint, fingerprint_module
+from skt.cache import default_cache_dir, fingerprint, fingerprint_module
 from skt.extract import FeatureRuntime, extract_into, resolve_device
 from skt.extractor import FeatureExtractor
-from skt.images import as_image_list
+from skt.images import as_image_list, view_count, view_of
 from skt.training import (
     Callback,
     Checkpoint,
@@ -147,9 +147,35 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         statistics and ends with the last epoch's average, ``"auto"`` fixes
         pretrained statistics and uses batch statistics for layers that have
         none (running mean 0 and variance 1, as initialised).
-    augment : {None, "flip", "standard"}, default=None
-        Training augmentation: none, random horizontal flips, or random
-        resized crops (scale 0.25-1) with flips.
+    augment : {None, "flip", "dihedral", "standard"}, default=None
+        Training augmentation: none, random horizontal flips, one of the 8
+        flips and quarter turns drawn per image and epoch (for images with
+        no up or down: cells, tissue, satellite tiles;
+        :func:`skt.images.dihedral_view`), or random resized crops (scale
+        0.25-1) with flips. All but ``"standard"`` draw from a few fixed
+        views, so ``frozen_cache`` can keep the frozen stages' output of
+        each.
+    frozen_cache : {"auto", "memory", "disk"} or None, default="auto"
+        Compute the frozen stages once per image and view. With ``freeze``
+        a stage count (or ``"all"``), the frozen stages are a fixed function
+        of the image: the network is cut after them
+        (:mod:`skt.training._trunk`), their output for each training and
+        validation image under each view of ``augment`` is computed the
+        first time an epoch draws it and kept, and every step runs only the
+        stages that train. The weights reached are those of the plain path
+        up to float rounding. ``"auto"`` keeps the outputs in memory up to
+        4 GiB (:data:`skt.training.MEMORY_BYTES`) and beyond that in a
+        temporary file under skt's cache folder (``$SKT_CACHE_DIR``), and
+        quietly takes the plain path where the cut is not possible (no
+        stage frozen, ``augment="standard"``, ``regularization="lwf"``, a
+        network FX cannot trace); ``"memory"`` and ``"disk"`` insist, and
+        raise where it is not possible. None always runs the whole network.
+        With ``unfreeze_schedule``, the cut moves as stages thaw.
+    tta : {None, "flip", "dihedral"}, default=None
+        Test-time augmentation in ``predict``, ``predict_proba`` and
+        ``decision_function``: the logits are averaged over the image's 2
+        flips or 8 dihedral views (:func:`skt.images.dihedral_view`), at 2 or
+        8 times the cost. ``transform`` is not affected.
     class_weight : None, "balanced" or dict, default=None
         Cross-entropy weight of each class; ``"balanced"`` weights classes
         inversely to their frequency; a dict maps labels to weights.
@@ -273,7 +299,9 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         "freeze": [Interval(Integral, 0, None, closed="left"), str, list, tuple, None],
         "unfreeze_schedule": [Interval(Integral, 1, None, closed="left"), None],
         "batchnorm": [StrOptions({"auto", "fixed", "batch"})],
-        "augment": [StrOptions({"flip", "standard"}), None],
+        "augment": [StrOptions({"flip", "dihedral", "standard"}), None],
+        "frozen_cache": [StrOptions({"auto", "memory", "disk"}), None],
+        "tta": [StrOptions({"flip", "dihedral"}), None],
         "class_weight": [StrOptions({"balanced"}), dict, None],
         "regularization": [StrOptions({"none", "l2sp", "lwf"})],
         "alpha": [Interval(Real, 0, None, closed="left"), None],
@@ -308,6 +336,8 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         unfreeze_schedule=None,
         batchnorm="auto",
         augment=None,
+        frozen_cache="auto",
+        tta=None,
         class_weight=None,
         regularization="none",
         alpha=None,
@@ -341,6 +371,8 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         self.unfreeze_schedule = unfreeze_schedule
         self.batchnorm = batchnorm
         self.augment = augment
+        self.frozen_cache = frozen_cache
+        self.tta = tta
         self.class_weight = class_weight
         self.regularization = regularization
         self.alpha = alpha
@@ -428,11 +460,12 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
 
     def _batches(self, images, labels, train_idx, valid_idx, config, generator):
         workers = resolve_num_workers(self.num_workers)
+        store = {"store": self.frozen_cache or "auto", "folder": default_cache_dir()}
         train = ImageBatches(images, labels, train_idx, config, self.batch_size,
                              augment=self.augment, shuffle=True, num_workers=workers,
-                             generator=generator)
+                             generator=generator, max_epochs=self.max_iter, **store)
         valid = None if valid_idx is None else ImageBatches(
-            images, labels, valid_idx, config, self.batch_size, num_workers=workers)
+            images, labels, valid_idx, config, self.batch_size, num_workers=workers, **store)
         return train, valid
 
     def _check_callbacks(self) -> list[Callback]:
@@ -596,14 +629,17 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
 
         The same path as :meth:`skt.FeatureExtractor.transform`: the network
         truncated at the classifier's output or input, run by the torch
-        engine in batches, images decoded in threads.
+        engine in batches, images decoded in threads. Logits are averaged
+        over the views of ``tta``.
         """
         check_is_fitted(self)
         images = as_image_list(X)
         runtime = self._get_runtime(kind)
         out = np.empty((len(images), runtime.layout[0].width), dtype=np.float32)
+        views = [view_of(draw, self.tta) for draw in range(view_count(self.tta))]
         return extract_into(out, images, runtime, "avg", batch_size=self.batch_size,
-                            num_workers=resolve_num_workers(self.num_workers))
+                            num_workers=resolve_num_workers(self.num_workers),
+                            views=views if kind == "logits" else (0,))
 
     def _get_runtime(self, kind: str) -> FeatureRuntime:
         """The runtime for ``kind`` in this process (rebuilt after unpickling)."""

@@ -32,7 +32,7 @@ ALLOWED = {
     "skt.images": {"skt._utils"},
     "skt.backbones": {"skt._utils", "skt.images"},
     "skt.extract": {"skt._utils", "skt.images", "skt.backbones", "skt.pooling", "skt.cache"},
-    "skt.training": {"skt._utils", "skt.images"},
+    "skt.training": {"skt._utils", "skt.images", "skt.backbones"},
     # the estimators
     "skt._base": {"skt._sklearn"},
     "skt.extractor": _CORE | {"skt._base", "skt.images", "skt.backbones", "skt.extract",

@@ -6,6 +6,7 @@ fit) is in test_finetune.py, whose tiny network and images these tests share.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import re
@@ -609,13 +610,18 @@ def test_non_callbacks_are_refused(data):
                                "skt.training.Callback subclasses.")
 
 
-def test_progress_bar_shows_one_bar_per_epoch_with_its_loss(data, capsys):
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_shows_one_bar_per_epoch_with_its_loss_on_a_terminal(data, capsys):
     X, y = data
-    clf = make_clf(max_iter=3, callbacks=[ProgressBar()], early_stopping=True,
+    terminal = _Terminal()
+    clf = make_clf(max_iter=3, callbacks=[ProgressBar(file=terminal)], early_stopping=True,
                    validation_fraction=0.25).fit(X, y)
-    out, err = capsys.readouterr()
-    assert out == ""
-    bars = err.rstrip("\n").split("\n")  # a closed bar ends its line
+    assert capsys.readouterr() == ("", "")
+    bars = terminal.getvalue().rstrip("\n").split("\n")  # a closed bar ends its line
     assert len(bars) == 3
     for row, bar in zip(clf.history_, bars, strict=True):
         final = bar.split("\r")[-1]  # the bar as last drawn
@@ -623,6 +629,19 @@ def test_progress_bar_shows_one_bar_per_epoch_with_its_loss(data, capsys):
         assert " 3/3 " in final  # 24 training images in batches of 8
         assert final.endswith(f"loss={row['train_loss']:.4f}, "
                               f"val_score={row['valid_score']:.4f}]")
+
+
+def test_progress_off_a_terminal_is_one_line_per_epoch(data, capsys):
+    X, y = data
+    clf = make_clf(max_iter=3, callbacks=[ProgressBar()], early_stopping=True,
+                   validation_fraction=0.25).fit(X, y)
+    out, err = capsys.readouterr()  # pytest's stderr is not a terminal
+    assert out == "" and "\r" not in err
+    lines = err.splitlines()
+    assert len(lines) == 3
+    for row, line in zip(clf.history_, lines, strict=True):
+        assert re.fullmatch(rf"epoch {row['epoch']}/3: loss {row['train_loss']:.4f}, "
+                            rf"val_score {row['valid_score']:.4f} \(\d+\.\d s\)", line), line
 
 
 def test_history_has_one_row_per_epoch_and_what_callbacks_add(data):

@@ -14,7 +14,7 @@ from torch import nn
 from skt.cache import FeatureCache, fingerprint
 from skt.extract._engines import make_engine
 from skt.extract._model import build_feature_model
-from skt.images import Preprocessing, iter_batches
+from skt.images import Preprocessing, dihedral_view, iter_batches
 from skt.pooling import LayerLayout, pool_into
 
 __all__ = ["FeatureRuntime", "extract_into"]
@@ -61,24 +61,34 @@ class FeatureRuntime:
         self.engine = make_engine(model, engine, device, size, dtype, path)
 
     def summaries(self, images: Sequence, indices: Sequence[int], batch_size: int,
-                  num_workers: int) -> Iterator[tuple[list[int], list[np.ndarray]]]:
-        """Yield ``(rows, summaries)`` for the images at ``indices``, batch by batch."""
+                  num_workers: int, views: Sequence[int] = (0,),
+                  ) -> Iterator[tuple[list[int], list[np.ndarray]]]:
+        """Yield ``(rows, summaries)`` for the images at ``indices``, batch by batch.
+
+        With several ``views`` (:func:`skt.images.dihedral_view` numbers), each
+        summary is the mean of the views' summaries: test-time augmentation,
+        meant for flat layers such as logits.
+        """
         indices = list(indices)
         start = 0
         for batch in iter_batches(images, self.preprocessing, batch_size, num_workers, indices):
             rows = indices[start:start + len(batch)]
             start += len(batch)
-            yield rows, self.engine(batch)
+            outputs = [self.engine(dihedral_view(batch, view)) for view in views]
+            yield rows, [np.mean(parts, axis=0, dtype=np.float32) if len(parts) > 1 else parts[0]
+                         for parts in zip(*outputs, strict=True)]
 
 
 def extract_into(out: np.ndarray, images: Sequence, runtime: FeatureRuntime, pooling: str, *,
                  batch_size: int, num_workers: int, cache: FeatureCache | None = None,
-                 description: dict[str, Any] | None = None, progress: Any = None) -> np.ndarray:
+                 description: dict[str, Any] | None = None, progress: Any = None,
+                 views: Sequence[int] = (0,)) -> np.ndarray:
     """Fill ``out`` (``(len(images), n_features)``) with the pooled features of ``images``.
 
     With ``cache``, items found under ``description`` are read, not computed
     (see :meth:`skt.cache.FeatureCache.serve`). ``progress`` is a tqdm bar or
-    None.
+    None. ``views`` averages summaries over views (see
+    :meth:`FeatureRuntime.summaries`); not with ``cache``.
     """
     def emit(rows: Sequence[int], summaries: Sequence[np.ndarray]) -> None:
         pool_into(out, rows, summaries, runtime.layout, pooling)
@@ -86,7 +96,7 @@ def extract_into(out: np.ndarray, images: Sequence, runtime: FeatureRuntime, poo
             progress.update(len(rows))
 
     def compute(indices: Sequence[int]):
-        return runtime.summaries(images, indices, batch_size, num_workers)
+        return runtime.summaries(images, indices, batch_size, num_workers, views)
 
     if cache is None:
         for rows, summaries in compute(range(len(images))):

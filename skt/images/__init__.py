@@ -13,26 +13,34 @@ from skt.images._decode import load_image
 from skt.images._folder import list_image_files, load_image_folder
 from skt.images._preprocess import (
     AUGMENTATIONS,
+    DIHEDRAL_VIEWS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     Preprocessing,
+    dihedral_view,
     preprocess,
     random_crop_box,
+    view_count,
+    view_of,
 )
 from skt.images._validate import as_image_list, describe_item
 
 __all__ = [
     "AUGMENTATIONS",
+    "DIHEDRAL_VIEWS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ImageDataset",
     "Preprocessing",
     "as_image_list",
     "describe_item",
+    "dihedral_view",
     "iter_batches",
     "list_image_files",
     "load_image",
     "load_image_folder",
     "preprocess",
     "random_crop_box",
+    "view_count",
+    "view_of",
 ]

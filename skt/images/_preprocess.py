@@ -8,14 +8,54 @@ from dataclasses import dataclass
 import torch
 import torchvision.transforms.v2.functional as TF
 
-__all__ = ["AUGMENTATIONS", "IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing", "preprocess",
-           "random_crop_box"]
+__all__ = ["AUGMENTATIONS", "DIHEDRAL_VIEWS", "IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing",
+           "dihedral_view", "preprocess", "random_crop_box", "view_count",
+           "view_of"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-AUGMENTATIONS = (None, "flip", "standard")
-"""Values of ``augment``: none, random horizontal flips, random resized crops with flips."""
+AUGMENTATIONS = (None, "flip", "dihedral", "standard")
+"""Values of ``augment``: none, random horizontal flips, random flips and quarter turns
+(one of the 8 :func:`dihedral_view` views), random resized crops with flips."""
+
+DIHEDRAL_VIEWS = 8
+"""Views of a square image under flips and quarter turns (the dihedral group D4)."""
+
+
+def dihedral_view(image: torch.Tensor, view: int) -> torch.Tensor:
+    """View ``view`` (0-7) of an image or batch: quarter turns, then a mirror.
+
+    ``view % 4`` quarter turns counter-clockwise, then, for ``view >= 4``, a
+    horizontal flip. View 0 is the image itself and view 4 its mirror image,
+    so the two views of ``augment="flip"`` are views 0 and 4. Acts on the
+    last two dimensions; turns keep the shape of square images only.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skt.images import dihedral_view
+    >>> image = torch.tensor([[1, 2], [3, 4]])
+    >>> [dihedral_view(image, v).flatten().tolist() for v in (0, 1, 4, 5)]
+    [[1, 2, 3, 4], [2, 4, 1, 3], [2, 1, 4, 3], [4, 2, 3, 1]]
+    """
+    if not 0 <= view < DIHEDRAL_VIEWS:
+        raise ValueError(f"view={view}; the dihedral views are numbered 0 to 7.")
+    image = torch.rot90(image, view % 4, dims=(-2, -1)) if view % 4 else image
+    return image.flip(-1) if view >= 4 else image
+
+
+def view_count(augment: str | None) -> int:
+    """How many fixed views ``augment`` draws from: 1, 2 (flips) or 8 (dihedral).
+
+    0 for ``"standard"``, whose random crops are not a finite set of views.
+    """
+    return {None: 1, "flip": 2, "dihedral": DIHEDRAL_VIEWS}.get(augment, 0)
+
+
+def view_of(draw: int, augment: str | None) -> int:
+    """The :func:`dihedral_view` number of draw ``draw`` (``0 <= draw < view_count``)."""
+    return 4 * draw if augment == "flip" else draw
 
 
 @dataclass(frozen=True)
@@ -78,7 +118,9 @@ def preprocess(image: torch.Tensor, config: Preprocessing, augment: str | None =
     """Resize, crop and normalise one ``(3, H, W)`` image.
 
     ``augment=None`` is the evaluation transform: resize the shorter side,
-    centre-crop. ``"flip"`` adds a random horizontal flip; ``"standard"`` is a
+    centre-crop. ``"flip"`` adds a random horizontal flip; ``"dihedral"`` a
+    random one of the 8 flips and quarter turns (:func:`dihedral_view`),
+    for images with no up or down; ``"standard"`` is a
     random resized crop (:func:`random_crop_box`, scale 0.25-1, aspect
     3/4-4/3) plus a flip. Random draws come from ``generator`` (torch's
     global generator when None).
@@ -103,4 +145,7 @@ def preprocess(image: torch.Tensor, config: Preprocessing, augment: str | None =
         image = TF.center_crop(image, config.crop_size)
     if augment in ("flip", "standard") and torch.rand((), generator=generator) < 0.5:
         image = TF.horizontal_flip(image)
+    if augment == "dihedral":
+        image = dihedral_view(image, int(torch.randint(0, DIHEDRAL_VIEWS, (),
+                                                       generator=generator)))
     return _finish(image, config)

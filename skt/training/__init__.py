@@ -9,8 +9,10 @@ This is the extension point of :class:`skt.FineTuneClassifier`:
   events around the steps, passed with ``FineTuneClassifier(callbacks=...)``;
 - :class:`TrainingState`: everything that changes while training;
 - :class:`FreezePlan`, :func:`make_optimizer`, :func:`make_scheduler`,
-  :func:`l2sp_penalty`, :func:`distillation_loss`, :class:`ImageBatches` and
-  the checkpoint files: the parts, usable on their own.
+  :func:`l2sp_penalty`, :func:`distillation_loss`, :class:`ImageBatches`,
+  :func:`split_network` with :class:`Trunk` and :class:`TrunkStore` (the
+  frozen stages computed once per image and view) and the checkpoint
+  files: the parts, usable on their own.
 """
 
 from skt.training._callbacks import Callback, Checkpoint, EarlyStopping, ProgressBar
@@ -38,12 +40,14 @@ from skt.training._regularizers import (
     record_head_input,
 )
 from skt.training._state import TrainingState
+from skt.training._trunk import MEMORY_BYTES, Trunk, TrunkStore, split_network
 
 __all__ = [
     "CACHE_BYTES",
     "CHECKPOINT_FORMAT",
     "DEFAULT_ALPHA",
     "LWF_TEMPERATURE",
+    "MEMORY_BYTES",
     "Callback",
     "Checkpoint",
     "EarlyStopping",
@@ -52,6 +56,8 @@ __all__ = [
     "ProgressBar",
     "TrainingLoop",
     "TrainingState",
+    "Trunk",
+    "TrunkStore",
     "WarmupSchedule",
     "backbone_parameters",
     "distillation_loss",
@@ -65,4 +71,5 @@ __all__ = [
     "read_checkpoint",
     "record_head_input",
     "save_checkpoint",
+    "split_network",
 ]

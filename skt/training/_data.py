@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from collections import deque
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from skt.images import Preprocessing, iter_batches
+from skt._utils import memory_format
+from skt.images import Preprocessing, dihedral_view, iter_batches, view_count, view_of
+from skt.training._trunk import Trunk, TrunkStore
 
 __all__ = ["CACHE_BYTES", "ImageBatches"]
 
@@ -28,12 +32,22 @@ class ImageBatches:
     from ``generator``: the same generator state gives the same batches
     whatever ``num_workers`` is. A final batch of one image is left out of a
     shuffled epoch, since BatchNorm cannot train on it.
+
+    Given a :class:`~skt.training._trunk.Trunk` (:meth:`use_trunk`), batches
+    hold the trunk's outputs instead of images: each image's output under
+    each view is computed the first time the epoch's draw asks for it, then
+    read from a :class:`~skt.training._trunk.TrunkStore`. ``augment=None``
+    has one view, ``"flip"`` two and ``"dihedral"`` eight
+    (:func:`skt.images.dihedral_view`); each epoch draws one per image.
+    ``store`` (``"auto"``, ``"memory"`` or ``"disk"``), ``max_epochs`` and
+    ``folder`` configure the store.
     """
 
     def __init__(self, images: Sequence, y: np.ndarray, indices: Sequence[int],
                  config: Preprocessing, batch_size: int, *, augment: str | None = None,
                  shuffle: bool = False, num_workers: int = 0,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, store: str = "auto",
+                 max_epochs: int = 1, folder: str | os.PathLike | None = None) -> None:
         self.images = images
         self.indices = list(indices)
         self.labels = torch.as_tensor(np.asarray(y)[self.indices], dtype=torch.long)
@@ -43,7 +57,26 @@ class ImageBatches:
         self.shuffle = shuffle
         self.num_workers = num_workers
         self.generator = generator
+        self.store = store
+        self.max_epochs = max_epochs
+        self.folder = folder
+        self.trunk: Trunk | None = None
+        self.device = torch.device("cpu")
         self._cached: torch.Tensor | None = None
+        self._store: TrunkStore | None = None
+
+    def use_trunk(self, trunk: Trunk | None, device: torch.device) -> None:
+        """Yield ``trunk``'s outputs from now on (images again for None)."""
+        if trunk is not self.trunk:
+            self.close()
+            self.trunk = trunk
+        self.device = device
+
+    def close(self) -> None:
+        """Drop the stored trunk outputs (and their file)."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -64,6 +97,9 @@ class ImageBatches:
         order = (torch.randperm(n, generator=self.generator) if self.shuffle
                  else torch.arange(n))
         order = order[:len(self) * self.batch_size]
+        if self.trunk is not None:
+            yield from self._trunk_batches(order)
+            return
         cached = self._cache()
         if cached is not None:
             for start in range(0, len(order), self.batch_size):
@@ -78,3 +114,30 @@ class ImageBatches:
                                augment=self.augment, seeds=seeds)
         for start, images in zip(range(0, len(order), self.batch_size), batches, strict=True):
             yield images, self.labels[order[start:start + self.batch_size]]
+
+    def _trunk_batches(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n_views = view_count(self.augment)
+        if self._store is None:
+            self._store = TrunkStore(len(self.indices), n_views, self.store,
+                                     max_filled=self.max_epochs, folder=self.folder)
+        store = self._store
+        items = order.numpy()
+        draws = (torch.randint(0, n_views, (len(order),), generator=self.generator).numpy()
+                 if self.shuffle and n_views > 1 else np.zeros(len(order), dtype=np.int64))
+        missing = ~store.filled[items, draws]
+        images = iter_batches(self.images, self.config, self.batch_size, self.num_workers,
+                              [self.indices[i] for i in items[missing]])
+        ready: deque[torch.Tensor] = deque()
+        fmt = memory_format(self.device)
+        for start in range(0, len(order), self.batch_size):
+            rows, views = items[start:start + self.batch_size], draws[start:start + self.batch_size]
+            need = np.flatnonzero(missing[start:start + self.batch_size])
+            if len(need):
+                while len(ready) < len(need):
+                    ready.extend(next(images).unbind(0))
+                batch = torch.stack([dihedral_view(ready.popleft(), view_of(int(views[i]),
+                                                                            self.augment))
+                                     for i in need])
+                batch = batch.to(self.device).contiguous(memory_format=fmt)
+                store.put(rows[need], views[need], self.trunk.features(batch))
+            yield store.get(rows, views), self.labels[order[start:start + self.batch_size]]

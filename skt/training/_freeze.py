@@ -61,6 +61,10 @@ class FreezePlan:
         return any(_inside(name, prefix) for stage in self.stages[:self.frozen_stages(epoch)]
                    for prefix in stage)
 
+    def frozen_prefixes(self, epoch: int) -> list[str]:
+        """Module names of the stages frozen in ``epoch``."""
+        return [prefix for stage in self.stages[:self.frozen_stages(epoch)] for prefix in stage]
+
     def ever_trained(self, name: str, max_epoch: int) -> bool:
         return not self.is_frozen(name, max(0, max_epoch - 1))
 

@@ -6,6 +6,7 @@ subclass overrides any one of them::
     init_state            the TrainingState: freeze plan, optimiser, schedule, regulariser
     fit_loop              epochs from state.epoch to max_iter, or until a callback stops it
       begin_epoch         what is frozen this epoch; BatchNorm modes
+      make_trunk          the frozen stages to compute once per image and view, if any
       train_epoch         one pass over the shuffled training batches
         train_step        zero_grad, infer, get_loss, backward, optimizer and scheduler step
           infer           the network's logits
@@ -33,7 +34,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from skt._utils import memory_format
-from skt.training._freeze import fixed_statistics, make_freeze_plan
+from skt.images import view_count
+from skt.training._freeze import FreezePlan, fixed_statistics, make_freeze_plan
 from skt.training._optim import make_optimizer, make_scheduler
 from skt.training._regularizers import (
     DEFAULT_ALPHA,
@@ -42,6 +44,7 @@ from skt.training._regularizers import (
     record_head_input,
 )
 from skt.training._state import TrainingState
+from skt.training._trunk import Trunk, split_network
 
 __all__ = ["TrainingLoop"]
 
@@ -52,7 +55,8 @@ class TrainingLoop:
     The estimator provides the hyper-parameters the steps read: ``max_iter``,
     ``freeze``, ``unfreeze_schedule``, ``batchnorm``, ``optimizer``,
     ``learning_rate_init``, ``backbone_lr_scale``, ``weight_decay``,
-    ``lr_schedule``, ``warmup``, ``regularization``, ``alpha`` and ``beta``.
+    ``lr_schedule``, ``warmup``, ``regularization``, ``alpha``, ``beta``,
+    ``augment`` and ``frozen_cache``.
     """
 
     def init_state(self, model: nn.Module, head_name: str, pretrained: nn.Module,
@@ -91,7 +95,42 @@ class TrainingLoop:
             reference = dict(pretrained.named_parameters())
             state.anchor = {name: reference[name].detach().to(device) for name, p in backbone
                             if name in reference and reference[name].shape == p.shape}
+        self._plan_trunk(state)
         return state
+
+    def trunk_obstacle(self, freeze: FreezePlan) -> str | None:
+        """Why the frozen stages cannot be computed once per image and view; None if they can."""
+        if self.frozen_cache is None:
+            return "frozen_cache is None"
+        if freeze.n_frozen == 0:
+            return "no stage is frozen (freeze must be a stage count or 'all')"
+        if view_count(self.augment) == 0:
+            return f"augment={self.augment!r} draws random crops, not one of a few fixed views"
+        if self.regularization == "lwf":
+            return "regularization='lwf' runs the original network on the images"
+        return None
+
+    def _plan_trunk(self, state: TrainingState) -> None:
+        obstacle = self.trunk_obstacle(state.freeze)
+        if obstacle is None:
+            state.trunk = split_network(state.model, state.freeze.stages, state.freeze.n_frozen)
+            if state.trunk is None:
+                obstacle = ("the network's graph cannot be cut after its frozen stages (FX "
+                            "cannot trace it, or later stages read more than their output)")
+        if obstacle is not None and self.frozen_cache in ("memory", "disk"):
+            raise ValueError(f"frozen_cache={self.frozen_cache!r} keeps the output of the frozen "
+                             f"stages, but {obstacle}. Use frozen_cache='auto' (which then "
+                             "trains the whole network every step) or None.")
+        state.reuse_trunk = obstacle is None
+
+    def make_trunk(self, state: TrainingState) -> Trunk | None:
+        """This epoch's frozen trunk: the same as last epoch's unless a stage thawed."""
+        if not state.reuse_trunk:
+            return None
+        n_frozen = state.freeze.frozen_stages(state.epoch)
+        if state.trunk is not None and state.trunk.n_frozen == n_frozen:
+            return state.trunk
+        return split_network(state.model, state.freeze.stages, n_frozen)
 
     def notify(self, event: str, state: TrainingState, **kwargs) -> None:
         """Call ``event`` on every callback of ``state``, in order."""
@@ -101,12 +140,18 @@ class TrainingLoop:
     def fit_loop(self, state: TrainingState, train: Iterable, valid: Iterable | None) -> None:
         """Run epochs from ``state.epoch`` up to ``max_iter``, or until ``state.stopped``."""
         state.batches_per_epoch = len(train)
+        splits = [batches for batches in (train, valid) if batches is not None]
+        if not all(hasattr(batches, "use_trunk") for batches in splits):
+            state.reuse_trunk, state.trunk = False, None
         remove = record_head_input(state) if state.source is not None else None
         try:
             self.notify("on_train_begin", state)
             while state.epoch < self.max_iter and not state.stopped:
                 self.notify("on_epoch_begin", state)
                 self.begin_epoch(state)
+                state.trunk = self.make_trunk(state)
+                for batches in splits if state.reuse_trunk else ():
+                    batches.use_trunk(state.trunk, state.device)
                 loss = self.train_epoch(state, train)
                 score = None if valid is None else self.validation_score(state, valid)
                 self.end_epoch(state, loss, score)
@@ -114,6 +159,8 @@ class TrainingLoop:
         finally:
             if remove is not None:
                 remove()
+            for batches in splits if state.reuse_trunk else ():
+                batches.close()
         self.notify("on_train_end", state)
 
     def begin_epoch(self, state: TrainingState) -> None:
@@ -124,7 +171,10 @@ class TrainingLoop:
         affine parameters may still train). The others normalise with batch
         statistics and keep as running statistics the plain average over the
         epoch (``momentum=None``, restarted every epoch), which at its end
-        describes this data under this epoch's weights.
+        describes this data under this epoch's weights. Frozen stages run in
+        eval mode as a whole (no dropout or stochastic depth either): each is a
+        fixed function of its input, which is what lets :meth:`make_trunk`
+        compute them once.
         """
         for name, parameter in state.backbone_parameters():
             parameter.requires_grad_(not state.freeze.is_frozen(name, state.epoch))
@@ -140,6 +190,8 @@ class TrainingLoop:
             elif module.track_running_stats:
                 module.momentum = None
                 module.reset_running_stats()
+        for prefix in state.freeze.frozen_prefixes(state.epoch):
+            state.model.get_submodule(prefix).eval()
 
     def train_epoch(self, state: TrainingState, batches: Iterable) -> float:
         """One pass over ``batches``; returns the mean training loss."""
@@ -154,8 +206,9 @@ class TrainingLoop:
 
     def to_device(self, state: TrainingState, images: torch.Tensor, y: torch.Tensor):
         """A batch on the training device, images in its preferred memory format."""
-        images = images.to(state.device, non_blocking=True).contiguous(
-            memory_format=state.memory_format)
+        images = images.to(state.device, non_blocking=True)
+        if images.ndim == 4:
+            images = images.contiguous(memory_format=state.memory_format)
         return images, y.to(state.device, non_blocking=True)
 
     def train_step(self, state: TrainingState, images: torch.Tensor,
@@ -171,7 +224,13 @@ class TrainingLoop:
         return loss.detach()
 
     def infer(self, state: TrainingState, images: torch.Tensor) -> torch.Tensor:
-        """Logits of the network for a batch already on the device."""
+        """Logits of the network for a batch already on the device.
+
+        With a trunk (:meth:`make_trunk`), the batch holds the trunk's outputs
+        and only the rest of the network runs.
+        """
+        if state.trunk is not None:
+            return state.trunk.rest(images, state.model.training)
         return state.model(images)
 
     def get_loss(self, state: TrainingState, logits: torch.Tensor, y: torch.Tensor,

@@ -11,6 +11,7 @@ from torch import nn
 
 from skt._utils import memory_format
 from skt.training._freeze import FreezePlan, backbone_parameters
+from skt.training._trunk import Trunk
 
 __all__ = ["TrainingState"]
 
@@ -54,6 +55,12 @@ class TrainingState:
         Notified on each event, in order.
     batches_per_epoch : int
         Optimisation steps in one epoch.
+    reuse_trunk : bool
+        Whether the frozen stages' output may be computed once per image and
+        view (see :mod:`skt.training._trunk`).
+    trunk : Trunk or None
+        This epoch's frozen trunk, when batches hold its outputs: the steps
+        then run :meth:`Trunk.rest` instead of the whole network.
     """
 
     model: nn.Module
@@ -74,6 +81,8 @@ class TrainingState:
     stopped: bool = False
     callbacks: list[Any] = field(default_factory=list)
     batches_per_epoch: int = 0
+    reuse_trunk: bool = False
+    trunk: Trunk | None = None
 
     @property
     def head(self) -> nn.Linear:
