@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import re
 from types import SimpleNamespace
+from typing import ClassVar
 
 import numpy as np
 import pytest
 from sklearn.dummy import DummyClassifier
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
+from sklearn.neighbors import KNeighborsClassifier
 
 from skt import FeatureExtractor, cache_info
 from skt.bench import (
@@ -30,8 +32,11 @@ from skt.bench import (
     markdown_table,
     pixel_input,
     pixel_rows,
+    plot_learning_curve,
     run_comparison,
+    run_learning_curve,
     score_predictions,
+    write_learning_curve,
     write_results,
 )
 
@@ -413,3 +418,197 @@ def test_imagenet_top1_and_correlation():
     assert summary["spearman_rho"] == pytest.approx(0.5)
     assert "Pearson r = " in format_imagenet_comparison(summary)
     assert compare_with_imagenet({"rows": rows[:1]}, ["efficientnet_lite0"]) is None
+
+
+# --------------------------------------------------------- learning curve --
+
+@pytest.fixture
+def numbered(rng):
+    """60 gray 8x8 noise images whose top-left pixel is their index; 12 "rare", 48 "common"."""
+    X = rng.integers(0, 256, (60, 8, 8), dtype=np.uint8)
+    X[:, 0, 0] = np.arange(60)
+    y = np.where(np.arange(60) % 5 == 0, "rare", "common")
+    return X, y
+
+
+class Recorder(DummyClassifier):
+    """Records the image numbers (top-left pixels) it is fitted on and predicts for."""
+
+    fitted: ClassVar[list] = []
+    predicted: ClassVar[list] = []
+
+    def fit(self, X, y):
+        Recorder.fitted.append((sorted(int(image[0, 0]) for image in X), list(y)))
+        return super().fit(X, y)
+
+    def predict(self, X):
+        Recorder.predicted.append(sorted(int(image[0, 0]) for image in X))
+        return super().predict(X)
+
+
+@pytest.fixture
+def recorder():
+    Recorder.fitted, Recorder.predicted = [], []
+    return Recorder
+
+
+def test_learning_curve_points_summarise_the_per_seed_accuracies(numbered):
+    X, y = numbered
+    knn = Row("1-NN on noise", KNeighborsClassifier(1), input="pixels")
+    rows = [Row("Majority class", DummyClassifier()), knn]
+    results = run_learning_curve(X, y, rows, inputs=[pixel_input(size=None)],
+                                 train_sizes=[20, 8], n_seeds=4, random_state=0, verbose=0)
+    assert results["protocol"]["sizes"] == [8, 20]
+    assert (results["protocol"]["n_train"], results["protocol"]["n_test"]) == (45, 15)
+    assert [m["name"] for m in results["methods"]] == ["Majority class", "1-NN on noise"]
+    assert json.loads(json.dumps(results)) == results
+    pixels = downsample(X, size=None)
+    test = np.array(results["test_indices"])
+    for method, estimator in zip(results["methods"], (DummyClassifier(), KNeighborsClassifier(1)),
+                                 strict=True):
+        assert [p["size"] for p in method["points"]] == [8, 20]
+        for point in method["points"]:
+            accuracies = point["accuracies"]
+            assert len(accuracies) == 4
+            assert point["mean"] == pytest.approx(sum(accuracies) / 4, abs=1e-15)
+            mean = sum(accuracies) / 4
+            std = (sum((a - mean) ** 2 for a in accuracies) / 4) ** 0.5
+            assert point["std"] == pytest.approx(std, abs=1e-15)
+            assert (point["min"], point["max"]) == (min(accuracies), max(accuracies))
+            # each accuracy is that of a fit on the stored subset, scored on the test part
+            for subset, accuracy in zip(results["subsets"][str(point["size"])], accuracies,
+                                        strict=True):
+                fitted = estimator.fit(pixels[subset], y[subset])
+                assert accuracy == np.mean(fitted.predict(pixels[test]) == y[test])
+    # the nearest neighbour on noise varies between subsets, so the spread is not zero
+    assert results["methods"][1]["points"][0]["std"] > 0
+    # the majority class is "common" in every subset: 12 of the 15 test images
+    assert all(p["accuracies"] == [0.8] * 4 for p in results["methods"][0]["points"])
+    assert results["protocol"]["majority_accuracy"] == 0.8
+
+
+def test_learning_curve_subsets_have_the_size_and_every_class(numbered, recorder):
+    X, y = numbered
+    results = run_learning_curve(X, y, [Row("recorder", recorder())], train_sizes=[2, 5, 20],
+                                 n_seeds=3, random_state=0, verbose=0)
+    train = sorted(set(range(60)) - set(results["test_indices"]))
+    assert len(train) == 45 and sum(y[train] == "rare") == 9
+    sizes = [len(images) for images, _ in recorder.fitted]
+    assert sizes == [2, 2, 2, 5, 5, 5, 20, 20, 20]
+    for (images, labels), size in zip(recorder.fitted, sizes, strict=True):
+        assert set(images) <= set(train)
+        assert list(y[images]) == labels
+        # one image of each class, then (size - 2) shared in proportion to the 8 spare rare
+        # and 35 spare common ones, largest remainder first: 5 -> 0.56 and 2.44 more
+        assert labels.count("rare") == {2: 1, 5: 2, 20: 4}[size]
+    assert [images for images, _ in recorder.fitted] == [
+        subset for size in ("2", "5", "20") for subset in results["subsets"][size]]
+    for size in ("2", "5", "20"):  # three different subsets per size
+        assert len({tuple(subset) for subset in results["subsets"][size]}) == 3
+    again = run_learning_curve(X, y, [Row("m", DummyClassifier())], train_sizes=[20], n_seeds=3,
+                               random_state=0, verbose=0)
+    assert again["subsets"]["20"] == results["subsets"]["20"]  # drawn per size and seed
+
+
+def test_learning_curve_tests_on_the_split_of_run_comparison(numbered, recorder):
+    X, y = numbered
+    strata = np.arange(60) % 3
+    for seed in (0, 7):
+        recorder.predicted.clear()
+        run_comparison(X, y, [Row("recorder", recorder())], stratify=strata, random_state=seed,
+                       verbose=0)
+        curve = run_learning_curve(X, y, [Row("recorder", recorder())], train_sizes=[10],
+                                   n_seeds=2, stratify=strata, random_state=seed, verbose=0)
+        comparison_test, *curve_tests = recorder.predicted
+        assert curve_tests == [comparison_test, comparison_test] == [curve["test_indices"]]*2
+        assert len(comparison_test) == 15
+
+
+def test_learning_curve_clips_sizes_to_the_training_part(numbered, capsys):
+    X, y = numbered
+    results = run_learning_curve(X, y, [Row("m", DummyClassifier())],
+                                 train_sizes=[10, 1000, "all"], n_seeds=2, random_state=0)
+    out = capsys.readouterr().out
+    assert out.startswith("Machine: ")
+    assert "Size 1000 is more than the 45 training images: using all 45." in out
+    assert results["protocol"]["requested_sizes"] == [10, 1000, "all"]
+    assert results["protocol"]["sizes"] == [10, 45]
+    assert [p["size"] for p in results["methods"][0]["points"]] == [10, 45]
+    train = sorted(set(range(60)) - set(results["test_indices"]))
+    assert results["subsets"]["45"] == [train, train]
+    assert "|        45 (all) |" in out and "|              10 |" in out
+
+
+def test_learning_curve_reseeds_the_estimator_and_charges_the_input(numbered, tmp_path):
+    X, y = numbered
+    extractor = FeatureExtractor(**TINY, cache=tmp_path)
+    rows = [Row("SGD", SGDClassifier(random_state=3), input="pixels"),
+            *feature_rows(extractor, input="tiny", cv=2, heads=("logreg",), label="tiny")]
+    inputs = [pixel_input(size=None), feature_input(extractor, name="tiny")]
+    results = run_learning_curve(X, y, rows, inputs=inputs, train_sizes=[6], n_seeds=2,
+                                 random_state=0, verbose=0)
+    sgd, features = results["methods"]
+    assert sgd["points"][0]["random_states"] == [3, 4]  # its own seed, plus the repeat
+    assert features["points"][0]["random_states"] == [None, None]  # a search: left alone
+    assert cache_info(tmp_path)["entries"] == 60  # every image extracted once, before the fits
+    seconds = results["inputs"]["tiny"]["seconds"]
+    point = features["points"][0]
+    assert point["input_fit_seconds"] == pytest.approx(seconds * 6 / 60, rel=1e-12)
+    assert point["fit_seconds"] == pytest.approx(
+        np.mean(point["fit_seconds_per_seed"]), rel=1e-12)
+    assert min(point["fit_seconds_per_seed"]) > point["input_fit_seconds"]
+
+
+def test_learning_curve_rejects_bad_sizes_seeds_and_inputs(numbered):
+    X, y = numbered
+    row = Row("m", DummyClassifier())
+    with pytest.raises(ValueError, match="cannot hold one image of each of the 2 classes"):
+        run_learning_curve(X, y, [row], train_sizes=[1, 10], n_seeds=2, verbose=0)
+    with pytest.raises(ValueError, match="whole numbers of images or 'all'"):
+        run_learning_curve(X, y, [row], train_sizes=[0.5], n_seeds=2, verbose=0)
+    with pytest.raises(ValueError, match="n_seeds=0"):
+        run_learning_curve(X, y, [row], train_sizes=[10], n_seeds=0, verbose=0)
+    with pytest.raises(ValueError, match=r"inputs \['pixels'\]"):
+        run_learning_curve(X, y, [Row("r", DummyClassifier(), input="pixels")],
+                           train_sizes=[10], n_seeds=2, verbose=0)
+
+
+def test_write_learning_curve_table_json_and_chart(numbered, tmp_path):
+    require("matplotlib", "pip install matplotlib")
+    X, y = numbered
+    rows = [Row("Majority class", DummyClassifier()),
+            Row("1-NN", KNeighborsClassifier(1), input="pixels")]
+    results = run_learning_curve(X, y, rows, inputs=[pixel_input(size=None)],
+                                 train_sizes=[4, 12, "all"], n_seeds=3, verbose=0,
+                                 dataset={"name": "Toy"}, title="Toy curve")
+    paths = write_learning_curve(results, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "curve.json", "curve.md", "curve.png"]
+    assert json.loads(paths["json"].read_text()) == results
+    lines = paths["markdown"].read_text().splitlines()
+    assert lines[0] == "### Toy curve"
+    table = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:7]]
+    assert table[0] == ["training images", "Majority class", "1-NN"]
+    assert set("".join(table[1])) == {"-", ":"}
+    assert [line[0] for line in table[2:]] == ["4", "12", "45 (all)"]
+    knn = results["methods"][1]["points"]
+    assert [line[2] for line in table[2:]] == [
+        f"{np.mean(p['accuracies']):.3f} ± {np.std(p['accuracies']):.3f}" for p in knn]
+    assert table[4][1] == "0.800 ± 0.000"
+    assert "Data: Toy." in lines and "mean ± standard deviation over 3" in lines[8]
+    assert lines[8].endswith("Always predicting the most frequent training class scores 0.800.")
+    assert paths["chart"].read_bytes()[:8] == PNG_MAGIC
+    assert plot_learning_curve(results, tmp_path / "curve.svg").read_text().startswith("<?xml")
+
+
+def test_format_machine_names_the_instruction_sets():
+    from skt.bench import format_machine
+
+    info = {"cpu": "Some CPU", "instruction_sets": ["avx2", "avx512_vnni"], "cpu_cores": 2,
+            "torch_threads": 2, "device": "cpu", "load_average": [0.5, 0, 0], "torch": "2.x",
+            "torchvision": "0.x", "scikit-learn": "1.x", "skt": "0.1"}
+    assert format_machine(info) == (
+        "Machine: Some CPU (avx2 avx512_vnni), 2 CPU cores, 2 torch threads, device cpu, load "
+        "average 0.5; torch 2.x, torchvision 0.x, scikit-learn 1.x, skt 0.1")
+    flags = machine_info()["instruction_sets"]
+    assert isinstance(flags, list) and all(isinstance(flag, str) for flag in flags)

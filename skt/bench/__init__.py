@@ -7,7 +7,9 @@ The engine behind ``skt demo`` and the scripts in ``benchmarks/``: given
 images, labels and a protocol (one stratified train/test split, or K-fold
 cross-validation), it fits each :class:`Row` on the training images, scores
 it on the held-out ones and reports accuracy, balanced accuracy, macro-F1,
-ROC-AUC and wall-clock fit and predict seconds.
+ROC-AUC and wall-clock fit and predict seconds. :func:`run_learning_curve`
+draws the learning curve instead: held-out accuracy against the number of
+labelled training images, over several random training subsets per size.
 
 Rows read an :class:`Input`: the images themselves, or something computed
 once from all of them and shared by several rows, such as downsampled raw
@@ -18,7 +20,8 @@ fit and predict seconds stay comparable between rows.
 :func:`write_results` saves ``results.json`` (every metric, timing, best
 hyper-parameter, the data set, split sizes, seed and machine),
 ``results.md`` (a Markdown table) and ``results.png`` (a bar chart; needs
-matplotlib, from ``pip install 'skt[bench]'``).
+matplotlib, from ``pip install 'skt[bench]'``); :func:`write_learning_curve`
+saves ``curve.json``, ``curve.md`` and ``curve.png`` likewise.
 
 Examples
 --------
@@ -38,6 +41,7 @@ Examples
 [0.5, 1.0]
 """
 
+from skt.bench._curve import plot_learning_curve, run_learning_curve, write_learning_curve
 from skt.bench._inputs import Input, downsample, feature_input, pixel_input
 from skt.bench._machine import HEAD_BLAS_THREADS, format_machine, machine_info
 from skt.bench._report import METRICS, format_table, markdown_table, plot_results, write_results
@@ -74,8 +78,11 @@ __all__ = [
     "markdown_table",
     "pixel_input",
     "pixel_rows",
+    "plot_learning_curve",
     "plot_results",
     "run_comparison",
+    "run_learning_curve",
     "score_predictions",
+    "write_learning_curve",
     "write_results",
 ]

@@ -25,19 +25,42 @@ spinning BLAS threads made a 480 x 1024 LogisticRegression fit 75 x slower
 than one thread. Torch's own threads (FineTuneClassifier, extraction) are not
 affected."""
 
-def _cpu_model() -> str:
+
+INSTRUCTION_SETS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile",
+                    "amx_bf16", "amx_int8")
+"""CPU flags that change which engine and precision run fastest (Linux names)."""
+
+
+def _cpuinfo(key: str) -> str | None:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             for line in handle:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def _cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def _instruction_sets() -> list[str]:
+    """Which of :data:`INSTRUCTION_SETS` the CPU has; torch's own report off Linux."""
+    flags = _cpuinfo("flags")
+    if flags is not None:
+        present = set(flags.split())
+        return [name for name in INSTRUCTION_SETS if name in present]
+    return [torch.backends.cpu.get_cpu_capability().lower()]
 
 
 def machine_info() -> dict[str, Any]:
-    """The machine a comparison runs on: cores, torch threads, device, versions.
+    """The machine a comparison runs on: CPU and its instruction sets, cores, threads, versions.
+
+    Absolute times are only comparable on one machine: the same code runs
+    at different speeds on an AVX2-only CPU and on one with AVX-512 VNNI
+    and bfloat16 units, which ``instruction_sets`` tells apart.
 
     Examples
     --------
@@ -48,6 +71,7 @@ def machine_info() -> dict[str, Any]:
     """
     return {
         "cpu": _cpu_model(),
+        "instruction_sets": _instruction_sets(),
         "cpu_cores": available_cores(),
         "torch_threads": torch.get_num_threads(),
         "device": str(resolve_device("auto")),
@@ -68,7 +92,9 @@ def format_machine(info: dict[str, Any]) -> str:
     """One line describing ``info`` from :func:`machine_info`."""
     load = info.get("load_average")
     busy = f", load average {load[0]:.1f}" if load else ""
-    return (f"Machine: {info['cpu']}, {info['cpu_cores']} CPU cores, "
+    sets = info.get("instruction_sets")
+    flags = f" ({' '.join(sets)})" if sets else ""
+    return (f"Machine: {info['cpu']}{flags}, {info['cpu_cores']} CPU cores, "
             f"{info['torch_threads']} torch threads, device {info['device']}{busy}; "
             f"torch {info['torch']}, torchvision {info['torchvision']}, "
             f"scikit-learn {info['scikit-learn']}, skt {info['skt']}")

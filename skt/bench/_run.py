@@ -96,6 +96,34 @@ def _splits(y, stratify, test_size: float, cv: int | None, random_state: int | N
     return list(folds.split(indices, stratify))
 
 
+def _check_inputs(images, y, rows: Sequence[Row], inputs: Sequence[Input],
+                  what: str) -> tuple[list, np.ndarray, dict[str, Input]]:
+    """Validated images and labels, and the inputs by name; every row's input must be there."""
+    images = as_image_list(images)
+    y = np.asarray(y)
+    if len(y) != len(images):
+        raise ValueError(f"{len(images)} images but {len(y)} labels; pass one label per image.")
+    by_name = {item.name: item for item in inputs}
+    missing = {row.input for row in rows} - set(by_name) - {"images"}
+    if missing:
+        raise ValueError(f"{what} read inputs {sorted(missing)} that are not in inputs "
+                         f"({sorted(by_name)}); add them or fix Row.input.")
+    return images, y, by_name
+
+
+def _prepare(row: Row, inputs: dict[str, Input], prepared: dict, log: dict, images,
+             verbose: int) -> None:
+    """Compute ``row``'s input once, into ``prepared``, and log its time."""
+    if row.input in prepared:
+        return
+    item = inputs[row.input]
+    _say(verbose, f"Preparing {item.name}: {item.description} for {len(images)} images")
+    begin = time.perf_counter()
+    prepared[row.input], note = item.prepare(images)
+    log[row.input] = {"description": note, "seconds": time.perf_counter() - begin}
+    _say(verbose, f"  {note}: {log[row.input]['seconds']:.1f} s")
+
+
 def _jsonable(value):
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -210,17 +238,9 @@ def run_comparison(images, y, rows: Sequence[Row], *, inputs: Sequence[Input] = 
     start = time.perf_counter()
     machine = machine_info()
     _say(verbose, format_machine(machine))
-    images = as_image_list(images)
-    y = np.asarray(y)
-    if len(y) != len(images):
-        raise ValueError(f"{len(images)} images but {len(y)} labels; pass one label per image.")
+    images, y, by_name = _check_inputs(images, y, rows, inputs, "Rows")
     stratify = y if stratify is None else np.asarray(stratify)
     splits = _splits(y, stratify, test_size, cv, random_state, split)
-    by_name = {item.name: item for item in inputs}
-    missing = {row.input for row in rows} - set(by_name) - {"images"}
-    if missing:
-        raise ValueError(f"Rows read inputs {sorted(missing)} that are not in inputs "
-                         f"({sorted(by_name)}); add them or fix Row.input.")
     protocol = {
         "kind": ("fixed split" if split is not None else "split" if cv is None
                  else "cross-validation"),
@@ -236,14 +256,7 @@ def run_comparison(images, y, rows: Sequence[Row], *, inputs: Sequence[Input] = 
     input_log: dict[str, dict] = {}
     results = []
     for number, row in enumerate(rows, start=1):
-        if row.input not in prepared:
-            item = by_name[row.input]
-            _say(verbose, f"Preparing {item.name}: {item.description} for {len(images)} images")
-            begin = time.perf_counter()
-            prepared[row.input], note = item.prepare(images)
-            seconds = time.perf_counter() - begin
-            input_log[item.name] = {"description": note, "seconds": seconds}
-            _say(verbose, f"  {note}: {seconds:.1f} s")
+        _prepare(row, by_name, prepared, input_log, images, verbose)
         _say(verbose, f"[{number}/{len(rows)}] {row.name} ...")
         seconds = input_log.get(row.input, {}).get("seconds", 0.0)
         result = _run_row(row, prepared[row.input], y, splits, seconds, len(images), verbose)
