@@ -41,6 +41,7 @@ from skt.training import (
     TrainingState,
     load_checkpoint,
     read_checkpoint,
+    record_head_input,
 )
 
 __all__ = ["FineTuneClassifier"]
@@ -131,12 +132,18 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
     warmup : float, default=0.1
         Fraction of all optimisation steps spent warming up (the rising
         phase of "onecycle").
-    freeze : None, int, "all", str or list of str, default=None
+    freeze : "auto", None, int, "all", str or list of str, default="auto"
         What of the backbone does not train. An int freezes that many stages
-        from the input side (:func:`skt.list_stages` lists them); ``"all"``
-        freezes the whole backbone, a linear probe trained by gradient
-        descent; a string or list of strings freezes the parameters whose
-        names match these ``fnmatch`` patterns (``"layer1"``, ``"*.bn*"``).
+        from the input side (:func:`skt.list_stages` lists them); ``"auto"``
+        freezes all but the last third of them, rounded up
+        (:func:`skt.training.auto_frozen_stages`: 6 of EfficientNet-Lite0's
+        9, 3 of ResNet's 5); ``"all"`` freezes the whole backbone, a linear
+        probe trained by gradient descent; None trains everything; a string
+        or list of strings freezes the parameters whose names match these
+        ``fnmatch`` patterns (``"layer1"``, ``"*.bn*"``). Frozen stages are
+        computed once per image and view (``frozen_cache``), so each
+        frozen stage makes an epoch cheaper as well as the model steadier
+        on few images.
     unfreeze_schedule : int, optional
         Gradual unfreezing: every ``unfreeze_schedule`` epochs the frozen
         stage nearest the head starts training. Needs ``freeze`` to be a
@@ -332,7 +339,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         weight_decay=1e-4,
         lr_schedule="cosine",
         warmup=0.1,
-        freeze=None,
+        freeze="auto",
         unfreeze_schedule=None,
         batchnorm="auto",
         augment=None,
@@ -430,9 +437,6 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
             raise _no_classifier(self.backbone)
         model = self._build_network(backbone, len(classes), init_seed, warm)
         train_idx, valid_idx = self._split(labels, split_seed)
-        if self.head_init == "linear_probe" and not warm and resume is None:
-            self._probe_head(model.get_submodule(backbone.classifier), images, classes[labels],
-                             train_idx, init_seed)
         generator = torch.Generator().manual_seed(shuffle_seed)
         train, valid = self._batches(images, labels, train_idx, valid_idx,
                                      backbone.preprocessing, generator)
@@ -440,6 +444,10 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
                                 device=device, generator=generator, steps_per_epoch=len(train),
                                 class_weight=self._class_weights(classes, labels[train_idx],
                                                                  device))
+        if self.head_init == "linear_probe" and not warm and resume is None:
+            features = (self._trunk_features(state, train) if state.reuse_trunk
+                        else self._frozen_features(images, train_idx, init_seed))
+            self._probe_head(state.head, features, classes[labels[train_idx]])
         state.callbacks = self._make_callbacks(user_callbacks, key, seeds)
         self._train(state, train, valid, loop_seed, resume)
         self._set_fitted(model, classes, backbone, init_seed, state, warm)
@@ -542,16 +550,38 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
                 "Raise validation_fraction, add images, or set early_stopping=False.") from exc
         return np.sort(train), np.sort(valid)
 
-    def _probe_head(self, head: nn.Linear, images, y, indices, seed: int) -> None:
-        """LP-FT: start the head from a logistic regression on frozen features."""
+    def _frozen_features(self, images, indices, seed: int) -> np.ndarray:
+        """Penultimate features of the pretrained network (:class:`skt.FeatureExtractor`)."""
         extractor = FeatureExtractor(
             self.backbone, self.weights, image_size=self.image_size, mean=self.mean,
             std=self.std, batch_size=self.batch_size, device=self.device,
             num_workers=self.num_workers, random_state=seed)
         subset = [images[i] for i in indices]
-        features = extractor.fit(subset).transform(subset)
+        return extractor.fit(subset).transform(subset)
+
+    def _trunk_features(self, state: TrainingState, train: ImageBatches) -> np.ndarray:
+        """Penultimate features of the training images from the frozen trunk's outputs.
+
+        The outputs are kept, so this costs the first epoch nothing; only
+        the stages after the trunk run once more, in eval mode.
+        """
+        train.use_trunk(state.trunk, state.device)
+        state.model.eval()
+        remove = record_head_input(state)
+        rows = []
+        try:
+            with torch.no_grad():
+                for features, _ in train.unaugmented():
+                    state.trunk.rest(features.to(state.device), training=False)
+                    rows.append(state.penultimate.flatten(1).float().cpu())
+        finally:
+            remove()
+        return torch.cat(rows).numpy()
+
+    def _probe_head(self, head: nn.Linear, features: np.ndarray, y: np.ndarray) -> None:
+        """LP-FT: start the head from a logistic regression on frozen features."""
         probe = LogisticRegression(max_iter=1000, class_weight=self.class_weight)
-        probe.fit(features, y[indices])
+        probe.fit(features, y)
         coef, intercept = probe.coef_, probe.intercept_
         if coef.shape[0] == 1:  # binary: logit(b) - logit(a) = w.x + c
             coef = np.concatenate([-coef, coef]) / 2

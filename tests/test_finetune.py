@@ -57,7 +57,8 @@ def make_images(n: int = 32, classes=("a", "b"), seed: int = 0):
 
 def make_clf(**params) -> FineTuneClassifier:
     defaults = dict(backbone=tiny_net(), weights=None, image_size=SIZE, max_iter=2,
-                    batch_size=8, learning_rate_init=1e-2, device="cpu", random_state=0)
+                    batch_size=8, learning_rate_init=1e-2, freeze=None, device="cpu",
+                    random_state=0)
     defaults.update(params)
     return FineTuneClassifier(**defaults)
 
@@ -423,11 +424,14 @@ def test_augmentation_changes_training_images(data):
                    for a, b in zip(cropped.batches_[0], clean, strict=True))
 
 
-def test_linear_probe_head_init_is_a_logistic_regression(data):
+@pytest.mark.parametrize("frozen_cache", [None, "memory"])
+def test_linear_probe_head_init_is_a_logistic_regression(data, frozen_cache):
     X, y = data
     # Nothing trains (frozen backbone, vanishing learning rate): the network
-    # is the logistic regression fitted on FeatureExtractor's features.
-    clf = make_clf(head_init="linear_probe", freeze="all", max_iter=1,
+    # is the logistic regression fitted on FeatureExtractor's features, whether
+    # the probe reads them from FeatureExtractor (plain path) or from the
+    # frozen trunk's kept outputs.
+    clf = make_clf(head_init="linear_probe", freeze="all", max_iter=1, frozen_cache=frozen_cache,
                    learning_rate_init=1e-30).fit(X, y)
     features = FeatureExtractor(tiny_net(), weights=None, image_size=SIZE).fit(X).transform(X)
     probe = LogisticRegression(max_iter=1000).fit(features, y)

@@ -273,3 +273,37 @@ def test_test_time_augmentation_averages_the_logits_of_the_views(data, tta):
     assert not np.allclose(plain, (logits[:, 1] - logits[:, 0]).numpy(), atol=1e-4)
     # features are those of the image as given
     np.testing.assert_array_equal(clf.transform(X[:6]), clf.set_params(tta=tta).transform(X[:6]))
+
+
+def test_freeze_auto_trains_the_last_third_of_the_stages_on_the_trunk(data):
+    X, y = data
+    model = resolve_backbone("resnet18", None, image_size=32, random_state=0).model
+    before = weights_of(model)
+    clf = make_clf(backbone=model, freeze="auto", max_iter=1, callbacks=[RecordTrunk()]).fit(X, y)
+    after = weights_of(clf.model_)
+    # as a user module, its stages are its children with parameters: conv1, bn1,
+    # layer1, layer2 (frozen), layer3, layer4 (trained); as "resnet18", conv1+bn1 is one
+    assert clf.history_[0]["trunk"] == 4
+    for prefix in ("conv1.", "layer1.", "layer2."):
+        assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(prefix))
+    for prefix in ("layer3.", "layer4."):
+        assert not all(torch.equal(before[k], after[k]) for k in before
+                       if k.startswith(prefix) and k.endswith("weight"))
+
+
+def test_the_linear_probe_reads_the_kept_trunk_outputs_so_each_image_passes_once(data):
+    from skt.finetune import FineTuneClassifier
+
+    X, y = data
+    computed = []
+
+    class Counting(FineTuneClassifier):
+        def init_state(self, *args, **kwargs):
+            state = super().init_state(*args, **kwargs)
+            features = state.trunk.features
+            state.trunk.features = lambda images: computed.append(len(images)) or features(images)
+            return state
+
+    clf = Counting(**make_clf(freeze=1, head_init="linear_probe", max_iter=3).get_params())
+    clf.fit(X, y)
+    assert sum(computed) == len(X)  # the probe's pass, then three epochs of reading

@@ -98,7 +98,10 @@ class ImageBatches:
                  else torch.arange(n))
         order = order[:len(self) * self.batch_size]
         if self.trunk is not None:
-            yield from self._trunk_batches(order)
+            n_views = view_count(self.augment)
+            draws = (torch.randint(0, n_views, (len(order),), generator=self.generator).numpy()
+                     if self.shuffle and n_views > 1 else np.zeros(len(order), dtype=np.int64))
+            yield from self._trunk_batches(order, draws)
             return
         cached = self._cache()
         if cached is not None:
@@ -115,15 +118,22 @@ class ImageBatches:
         for start, images in zip(range(0, len(order), self.batch_size), batches, strict=True):
             yield images, self.labels[order[start:start + self.batch_size]]
 
-    def _trunk_batches(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n_views = view_count(self.augment)
+    def unaugmented(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every item's trunk output for the image as given (view 0), in order, in batches.
+
+        Computed where missing and kept, like the epochs' batches (an epoch
+        without augmentation then computes nothing). Needs :meth:`use_trunk`.
+        """
+        order = torch.arange(len(self.indices))
+        yield from self._trunk_batches(order, np.zeros(len(order), dtype=np.int64))
+
+    def _trunk_batches(self, order: torch.Tensor,
+                       draws: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._store is None:
-            self._store = TrunkStore(len(self.indices), n_views, self.store,
+            self._store = TrunkStore(len(self.indices), view_count(self.augment), self.store,
                                      max_filled=self.max_epochs, folder=self.folder)
         store = self._store
         items = order.numpy()
-        draws = (torch.randint(0, n_views, (len(order),), generator=self.generator).numpy()
-                 if self.shuffle and n_views > 1 else np.zeros(len(order), dtype=np.int64))
         missing = ~store.filled[items, draws]
         images = iter_batches(self.images, self.config, self.batch_size, self.num_workers,
                               [self.indices[i] for i in items[missing]])
