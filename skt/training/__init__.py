@@ -25,6 +25,7 @@ from skt.training._checkpoint import (
 from skt.training._data import CACHE_BYTES, ImageBatches
 from skt.training._freeze import (
     FreezePlan,
+    auto_frozen_stages,
     backbone_parameters,
     fixed_statistics,
     make_freeze_plan,
@@ -59,6 +60,7 @@ __all__ = [
     "Trunk",
     "TrunkStore",
     "WarmupSchedule",
+    "auto_frozen_stages",
     "backbone_parameters",
     "distillation_loss",
     "fixed_statistics",

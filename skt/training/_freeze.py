@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,8 +14,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from skt._utils import close_matches
 
-__all__ = ["FreezePlan", "backbone_parameters", "fixed_statistics", "make_freeze_plan",
-           "matches"]
+__all__ = ["FreezePlan", "auto_frozen_stages", "backbone_parameters", "fixed_statistics",
+           "make_freeze_plan", "matches"]
 
 
 def _inside(name: str, prefix: str) -> bool:
@@ -85,13 +86,34 @@ def _check_patterns(model: nn.Module, head: str, patterns: Sequence[Any]) -> tup
     return tuple(patterns)
 
 
+def auto_frozen_stages(n_stages: int) -> int:
+    """Stages ``freeze="auto"`` freezes: all but the last third, rounded up.
+
+    EfficientNet-Lite0's 9 stages: 6 frozen, blocks 11-15 and the head
+    convolution train; ResNet's 5: the stem, ``layer1`` and ``layer2``
+    frozen. On ELPV this trained to better accuracy than fine-tuning more
+    stages, at a fraction of the cost (README, "Fine-tuning on a CPU").
+
+    Examples
+    --------
+    >>> from skt.training import auto_frozen_stages
+    >>> [auto_frozen_stages(n) for n in (1, 2, 3, 5, 9)]
+    [0, 1, 2, 3, 6]
+    """
+    return n_stages - math.ceil(n_stages / 3)
+
+
 def make_freeze_plan(freeze: Any, unfreeze_every: int | None, model: nn.Module, head: str,
                      stages: tuple[tuple[str, ...], ...]) -> FreezePlan:
     """The plan for the estimators' ``freeze`` and ``unfreeze_schedule`` parameters.
 
-    ``freeze`` is None, a stage count, ``"all"``, or ``fnmatch`` patterns
-    (a string or a list of them); ``stages`` are the backbone's declared stages.
+    ``freeze`` is None, a stage count, ``"all"``, ``"auto"`` (all stages
+    but the last third, rounded up: :func:`auto_frozen_stages`), or
+    ``fnmatch`` patterns (a string or a list of them); ``stages`` are the
+    backbone's declared stages.
     """
+    if freeze == "auto":
+        freeze = auto_frozen_stages(len(stages))
     if isinstance(freeze, str) and freeze != "all":
         freeze = [freeze]
     if isinstance(freeze, list | tuple):
