@@ -39,6 +39,7 @@ from skt.training import (
     ProgressBar,
     TrainingLoop,
     TrainingState,
+    WeightAverage,
     load_checkpoint,
     read_checkpoint,
     record_head_input,
@@ -204,6 +205,11 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         ``LogisticRegression`` is first fitted on the frozen network's
         features (from :class:`skt.FeatureExtractor`) and its weights start
         the head, so fine-tuning does not begin from a random head.
+    average_epochs : int, optional
+        End with the mean of the weights after each of the last
+        ``average_epochs`` epochs (stochastic weight averaging over epochs;
+        the :class:`skt.training.WeightAverage` callback), instead of the
+        last epoch's. With early stopping, the best epoch's weights win.
     early_stopping : bool, default=False
         Hold out ``validation_fraction`` of the images (stratified), score
         accuracy after each epoch, stop after ``n_iter_no_change`` epochs
@@ -314,6 +320,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         "alpha": [Interval(Real, 0, None, closed="left"), None],
         "beta": [Interval(Real, 0, None, closed="left")],
         "head_init": [StrOptions({"random", "linear_probe"})],
+        "average_epochs": [Interval(Integral, 1, None, closed="left"), None],
         "early_stopping": ["boolean"],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
@@ -350,6 +357,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         alpha=None,
         beta=0.01,
         head_init="random",
+        average_epochs=None,
         early_stopping=False,
         validation_fraction=0.1,
         n_iter_no_change=3,
@@ -385,6 +393,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         self.alpha = alpha
         self.beta = beta
         self.head_init = head_init
+        self.average_epochs = average_epochs
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
@@ -486,14 +495,17 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
 
     def _make_callbacks(self, user: list[Callback], key: str | None,
                         seeds: list[int]) -> list[Callback]:
-        """Progress bar and early stopping first, the user's next, the checkpoint last.
+        """Built-in callbacks first (progress, weight average, early stopping), then the
+        user's, the checkpoint last.
 
         The checkpoint then saves what every other callback did in the epoch.
         """
         callbacks: list[Callback] = []
         if self.verbose:
             callbacks.append(ProgressBar())
-        if self.early_stopping:
+        if self.average_epochs is not None:
+            callbacks.append(WeightAverage(epochs=self.average_epochs))
+        if self.early_stopping:  # after the average: the best epoch's weights win
             callbacks.append(EarlyStopping(patience=self.n_iter_no_change))
         callbacks += [copy.deepcopy(callback) for callback in user]
         if key is not None:

@@ -759,3 +759,34 @@ def test_early_stopping_resumes_its_state_from_a_checkpoint(data, tmp_path):
     assert resumed.loss_curve_ == uninterrupted.loss_curve_
     expected = weights_of(uninterrupted.model_)
     assert all(torch.equal(v, expected[k]) for k, v in weights_of(resumed.model_).items())
+
+
+def test_weight_average_is_the_mean_of_the_last_epochs_weights(data, tmp_path):
+    from .test_finetune import Snapshots
+
+    X, y = data
+    clf = make_clf(max_iter=4, average_epochs=2, callbacks=[Snapshots()]).fit(X, y)
+    last_two = clf.snapshots_[2:]
+    for name, value in weights_of(clf.model_).items():
+        if value.is_floating_point():
+            expected = (last_two[0][name].double() + last_two[1][name].double()) / 2
+            torch.testing.assert_close(value.double(), expected, rtol=1e-6, atol=1e-7)
+        else:  # e.g. BatchNorm's num_batches_tracked: the last value
+            assert torch.equal(value, last_two[1][name])
+    assert not torch.equal(weights_of(clf.model_)["8.weight"], last_two[1]["8.weight"])
+    # a resumed fit averages the same epochs
+    params = dict(max_iter=4, average_epochs=2, checkpoint=tmp_path / "ckpt.pt")
+    with pytest.raises(Crash):
+        CrashAfter3(**make_clf(**params).get_params()).fit(X, y)
+    resumed = make_clf(**params).fit(X, y)
+    for name, value in weights_of(resumed.model_).items():
+        torch.testing.assert_close(value, weights_of(clf.model_)[name], rtol=0, atol=0)
+
+
+class CrashAfter3(FineTuneClassifier):
+    """Dies as its fourth epoch begins, inside the averaged epochs."""
+
+    def begin_epoch(self, state):
+        if state.epoch == 3:
+            raise Crash
+        super().begin_epoch(state)

@@ -5,7 +5,7 @@ This is the extension point of :class:`skt.FineTuneClassifier`:
 - :class:`TrainingLoop`: the steps (``train_step``, ``get_loss``,
   ``validation_step``, ...), each a method a subclass may override;
 - :class:`Callback` and the built-in :class:`ProgressBar`,
-  :class:`EarlyStopping` and :class:`Checkpoint`: what happens on named
+  :class:`EarlyStopping`, :class:`WeightAverage` and :class:`Checkpoint`: what happens on named
   events around the steps, passed with ``FineTuneClassifier(callbacks=...)``;
 - :class:`TrainingState`: everything that changes while training;
 - :class:`FreezePlan`, :func:`make_optimizer`, :func:`make_scheduler`,
@@ -15,7 +15,13 @@ This is the extension point of :class:`skt.FineTuneClassifier`:
   files: the parts, usable on their own.
 """
 
-from skt.training._callbacks import Callback, Checkpoint, EarlyStopping, ProgressBar
+from skt.training._callbacks import (
+    Callback,
+    Checkpoint,
+    EarlyStopping,
+    ProgressBar,
+    WeightAverage,
+)
 from skt.training._checkpoint import (
     CHECKPOINT_FORMAT,
     load_checkpoint,
@@ -60,6 +66,7 @@ __all__ = [
     "Trunk",
     "TrunkStore",
     "WarmupSchedule",
+    "WeightAverage",
     "auto_frozen_stages",
     "backbone_parameters",
     "distillation_loss",

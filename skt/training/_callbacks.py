@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from skt.training._checkpoint import save_checkpoint
 from skt.training._state import TrainingState
 
-__all__ = ["Callback", "Checkpoint", "EarlyStopping", "ProgressBar"]
+__all__ = ["Callback", "Checkpoint", "EarlyStopping", "ProgressBar", "WeightAverage"]
 
 
 class Callback:
@@ -189,6 +189,61 @@ class EarlyStopping(Callback):
         self.best_epoch = state["best_epoch"]
         self._best_weights = state["best_weights"]
         self._waited = state["waited"]
+
+
+class WeightAverage(Callback):
+    """End with the mean of the weights after each of the last ``epochs`` epochs (SWA).
+
+    Stochastic weight averaging (Izmailov et al., 2018) over whole epochs:
+    the running sum of the network's floating-point parameters and buffers
+    at the end of epochs ``max_iter - epochs + 1`` to ``max_iter`` is
+    loaded when training ends. BatchNorm statistics that stay fixed (the
+    default) need no recomputation; averaged batch statistics are the
+    average of the epochs' own averages. Integer buffers keep their last
+    value. Training stopped early averages the epochs it reached.
+
+    Parameters
+    ----------
+    epochs : int, default=3
+        How many of the last epochs to average.
+    """
+
+    def __init__(self, epochs: int = 3) -> None:
+        self.epochs = epochs
+        self._sum: dict | None = None
+        self._count = 0
+
+    def on_train_begin(self, estimator: Any, state: TrainingState) -> None:
+        if state.epoch == 0:
+            self.load_state_dict({"sum": None, "count": 0})
+
+    def on_epoch_end(self, estimator: Any, state: TrainingState) -> None:
+        if state.epoch <= estimator.max_iter - self.epochs:
+            return
+        weights = {name: value.detach().double().cpu()
+                   for name, value in state.model.state_dict().items()
+                   if value.is_floating_point()}
+        if self._sum is None:
+            self._sum = weights
+        else:
+            for name, value in weights.items():
+                self._sum[name] += value
+        self._count += 1
+
+    def on_train_end(self, estimator: Any, state: TrainingState) -> None:
+        if self._sum is not None:
+            current = state.model.state_dict()
+            state.model.load_state_dict(
+                {**current, **{name: (total / self._count).to(current[name].dtype)
+                               for name, total in self._sum.items()}})
+        self._sum = None
+
+    def state_dict(self) -> dict:
+        return {"sum": self._sum, "count": self._count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._sum = state["sum"]
+        self._count = state["count"]
 
 
 class Checkpoint(Callback):
