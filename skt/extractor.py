@@ -353,7 +353,7 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
             raise ValueError(f"out has shape {out.shape}; expected "
                              f"{(len(images), self.n_features_out_)}.")
         # off a terminal (a log file), the bar is drawn when it starts and ends only
-        terminal = sys.stderr.isatty()
+        terminal = getattr(sys.stderr, "isatty", lambda: False)()
         with tqdm(total=len(images), disable=not self.verbose, unit="img",
                   desc=f"skt {self._label()}", mininterval=0.1 if terminal else math.inf,
                   ) as progress:

@@ -161,7 +161,6 @@ def test_trunk_batches_hold_each_drawn_view_of_the_right_image_computed_once(aug
     allowed = {None: {0}, "flip": {0, 4}, "dihedral": set(range(8))}[augment]
     drawn = set().union(*views_of.values())
     assert drawn <= allowed and (augment is None or len(drawn) > 1)
-    # 8 images in batches of 3 (a final single image is left out): 2 full batches + 1 of 2
     assert trunk.computed == int(batches._store.filled.sum())
     assert trunk.computed <= 4 * len(indices)
     if augment is None:
@@ -200,10 +199,19 @@ def test_dihedral_augmentation_trains_on_the_trunk_and_disk_storage_changes_noth
         data, tmp_path, monkeypatch):
     X, y = data
     monkeypatch.setenv("SKT_CACHE_DIR", str(tmp_path))
+    closed = []
+    close = TrunkStore.close
+
+    def spy(store):
+        closed.append(store.on_disk)
+        close(store)
+
+    monkeypatch.setattr(TrunkStore, "close", spy)
     memory = make_clf(freeze=1, augment="dihedral", max_iter=3, frozen_cache="memory",
                       callbacks=[RecordTrunk()]).fit(X, y)
     disk = make_clf(freeze=1, augment="dihedral", max_iter=3, frozen_cache="disk").fit(X, y)
     assert [row["trunk"] for row in memory.history_] == [1, 1, 1]
+    assert closed == [False, True]  # one store per fit, the second in a file
     assert memory.loss_curve_ == disk.loss_curve_
     assert os.listdir(tmp_path) == []  # the temporary file is gone after fit
 
@@ -221,7 +229,7 @@ def test_a_resumed_fit_on_the_trunk_ends_like_an_uninterrupted_one(data, tmp_pat
 
 
 @pytest.mark.parametrize(("params", "obstacle"), [
-    ({"freeze": None}, "no stage is frozen (freeze must be a stage count or 'all')"),
+    ({"freeze": None}, "no stage is frozen (freeze must be a stage count, 'auto' or 'all')"),
     ({"freeze": 1, "augment": "standard"},
      "augment='standard' draws random crops, not one of a few fixed views"),
     ({"freeze": 1, "regularization": "lwf"},
@@ -233,8 +241,9 @@ def test_insisting_on_the_frozen_cache_where_it_cannot_work(data, params, obstac
         make_clf(frozen_cache="memory", **params).fit(X, y)
     assert str(info.value) == (
         f"frozen_cache='memory' keeps the output of the frozen stages, but {obstacle}. Use "
-        "frozen_cache='auto' (which then trains the whole network every step) or None.")
-    make_clf(frozen_cache="auto", max_iter=1, **params).fit(X, y)  # the plain path
+        "frozen_cache='auto' (which then runs the whole network every step) or None.")
+    clf = make_clf(frozen_cache="auto", max_iter=1, callbacks=[RecordTrunk()], **params)
+    assert clf.fit(X, y).history_[0]["trunk"] is None  # the plain path
 
 
 def test_auto_takes_the_plain_path_for_an_untraceable_network(data):
@@ -307,3 +316,41 @@ def test_the_linear_probe_reads_the_kept_trunk_outputs_so_each_image_passes_once
     clf = Counting(**make_clf(freeze=1, head_init="linear_probe", max_iter=3).get_params())
     clf.fit(X, y)
     assert sum(computed) == len(X)  # the probe's pass, then three epochs of reading
+
+
+class Dropping(nn.Module):
+    """A dropout between two frozen stages, and a parameter of its own in the first stage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.first = nn.Conv2d(3, 8, 3, padding=1)
+        self.drop = nn.Dropout(0.5)
+        self.second = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.head(self.second(self.drop(self.first(x * self.scale)))))
+
+
+class ModesAtFirstBatch(Callback):
+    def on_batch_end(self, estimator, state, loss):
+        if state.epoch == 0 and not hasattr(estimator, "modes_"):
+            estimator.modes_ = {name: module.training
+                                for name, module in state.model.named_modules() if name}
+
+
+def test_modules_the_trunk_calls_run_in_eval_mode_and_parameter_stages_are_frozen(data):
+    from skt.backbones import list_stages
+
+    X, y = data
+    model = Dropping()
+    stages = list_stages(model)
+    assert stages[0] == ("scale", "first")  # a parameter joins the first stage
+    clf = make_clf(backbone=model, freeze=2, max_iter=1,
+                   callbacks=[RecordTrunk(), ModesAtFirstBatch()]).fit(X, y)
+    assert clf.history_[0]["trunk"] == 2
+    assert clf.modes_["drop"] is False and clf.modes_["first"] is False
+    assert clf.modes_["fc"] is True
+    assert torch.equal(clf.model_.scale.detach(), torch.ones(()))  # frozen

@@ -33,10 +33,10 @@ class ImageBatches:
     whatever ``num_workers`` is. A final batch of one image is left out of a
     shuffled epoch, since BatchNorm cannot train on it.
 
-    Given a :class:`~skt.training._trunk.Trunk` (:meth:`use_trunk`), batches
+    Given a :class:`~skt.training.Trunk` (:meth:`use_trunk`), batches
     hold the trunk's outputs instead of images: each image's output under
     each view is computed the first time the epoch's draw asks for it, then
-    read from a :class:`~skt.training._trunk.TrunkStore`. ``augment=None``
+    read from a :class:`~skt.training.TrunkStore`. ``augment=None``
     has one view, ``"flip"`` two and ``"dihedral"`` eight
     (:func:`skt.images.dihedral_view`); each epoch draws one per image.
     ``store`` (``"auto"``, ``"memory"`` or ``"disk"``), ``max_epochs`` and

@@ -103,7 +103,7 @@ class TrainingLoop:
         if self.frozen_cache is None:
             return "frozen_cache is None"
         if freeze.n_frozen == 0:
-            return "no stage is frozen (freeze must be a stage count or 'all')"
+            return "no stage is frozen (freeze must be a stage count, 'auto' or 'all')"
         if view_count(self.augment) == 0:
             return f"augment={self.augment!r} draws random crops, not one of a few fixed views"
         if self.regularization == "lwf":
@@ -120,7 +120,7 @@ class TrainingLoop:
         if obstacle is not None and self.frozen_cache in ("memory", "disk"):
             raise ValueError(f"frozen_cache={self.frozen_cache!r} keeps the output of the frozen "
                              f"stages, but {obstacle}. Use frozen_cache='auto' (which then "
-                             "trains the whole network every step) or None.")
+                             "runs the whole network every step) or None.")
         state.reuse_trunk = obstacle is None
 
     def make_trunk(self, state: TrainingState) -> Trunk | None:
@@ -152,6 +152,9 @@ class TrainingLoop:
                 state.trunk = self.make_trunk(state)
                 for batches in splits if state.reuse_trunk else ():
                     batches.use_trunk(state.trunk, state.device)
+                if state.trunk is not None:  # a dropout between frozen stages, say
+                    for name in state.trunk.modules:
+                        state.model.get_submodule(name).eval()
                 loss = self.train_epoch(state, train)
                 score = None if valid is None else self.validation_score(state, valid)
                 self.end_epoch(state, loss, score)
@@ -190,8 +193,10 @@ class TrainingLoop:
             elif module.track_running_stats:
                 module.momentum = None
                 module.reset_running_stats()
-        for prefix in state.freeze.frozen_prefixes(state.epoch):
-            state.model.get_submodule(prefix).eval()
+        frozen = state.freeze.frozen_prefixes(state.epoch)
+        for name, module in state.model.named_modules():  # a prefix may name a parameter
+            if any(name == prefix or name.startswith(prefix + ".") for prefix in frozen):
+                module.eval()
 
     def train_epoch(self, state: TrainingState, batches: Iterable) -> float:
         """One pass over ``batches``; returns the mean training loss."""

@@ -57,7 +57,7 @@ class TrainingState:
         Optimisation steps in one epoch.
     reuse_trunk : bool
         Whether the frozen stages' output may be computed once per image and
-        view (see :mod:`skt.training._trunk`).
+        view (see :func:`skt.training.split_network`).
     trunk : Trunk or None
         This epoch's frozen trunk, when batches hold its outputs: the steps
         then run :meth:`Trunk.rest` instead of the whole network.

@@ -108,7 +108,10 @@ class Trunk:
     """A network cut after its first ``n_frozen`` stages.
 
     ``trunk`` and the two graphs of the rest share the network's modules and
-    parameters: training the rest trains the network. The rest is traced in
+    parameters: training the rest trains the network. ``modules`` names
+    every module the trunk calls; the training loop keeps them in eval mode,
+    including those between frozen stages that hold no parameters (a
+    dropout), so that the trunk is a fixed function of its input. The rest is traced in
     both modes, since tracing fixes Python branches on ``self.training``
     (stochastic depth, for one); :meth:`rest` runs the graph of the mode the
     network is in.
@@ -118,6 +121,7 @@ class Trunk:
     trunk: _Part
     rest_train: _Part
     rest_eval: _Part
+    modules: frozenset[str] = frozenset()
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The trunk's output for a batch: no gradients, frozen stages in eval mode."""
@@ -156,20 +160,26 @@ def split_network(model: nn.Module, stages: tuple[tuple[str, ...], ...],
         for module, mode in modes.items():
             module.training = mode
     (trunk, rest_eval), (_, rest_train) = parts
-    return Trunk(n_frozen, trunk, rest_train, rest_eval)
+    called = {id(module) for name, module in trunk.module.named_modules() if name}
+    return Trunk(n_frozen, trunk, rest_train, rest_eval,
+                 frozenset(name for name, module in model.named_modules() if id(module) in called))
 
 
 class TrunkStore:
     """Trunk outputs of ``n`` items under up to ``n_views`` views each, filled as they come.
 
     Four-dimensional outputs ``(C, H, W)`` are stored as ``(H, W, C)`` so
-    that a gathered batch is already channels-last. The storage is a tensor
-    in memory, or a file in ``folder`` (removed by :meth:`close`); both are
-    allocated on the first :meth:`put`, and pages never written take no room.
+    that a gathered batch is already channels-last. The storage is one
+    tensor per view in memory, each allocated when its view is first put,
+    or one file in ``folder`` (removed by :meth:`close`); pages never
+    written take no room.
 
     Parameters
     ----------
-    n, n_views : int
+    n : int
+        Items (images).
+    n_views : int
+        Views per item (1, 2 or 8; see :func:`skt.images.view_count`).
     location : {"memory", "disk", "auto"}
         ``"auto"`` keeps in memory what is at most :data:`MEMORY_BYTES` once
         ``max_filled`` views per item are stored.
@@ -188,13 +198,14 @@ class TrunkStore:
         self.max_filled = max(1, min(max_filled, n_views))
         self.folder = folder
         self.filled = np.zeros((n, n_views), dtype=bool)
-        self._data: torch.Tensor | None = None
+        self._data: list[torch.Tensor | None] | None = None
         self._file: np.memmap | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._channels_last = False
 
     @property
     def on_disk(self) -> bool:
+        """Whether the outputs live in a file (once the first one is stored)."""
         return self._file is not None
 
     def _allocate(self, sample: torch.Tensor) -> None:
@@ -203,10 +214,11 @@ class TrunkStore:
         per_item = int(np.prod(shape)) * 4
         disk = self.location == "disk" or (
             self.location == "auto" and self.n * self.max_filled * per_item > MEMORY_BYTES)
-        full = (self.n, self.n_views, *shape)
+        self._shape = shape
         if not disk:
-            self._data = torch.empty(full, dtype=torch.float32)
+            self._data = [None] * self.n_views
             return
+        full = (self.n, self.n_views, *shape)
         folder = None if self.folder is None else os.fspath(self.folder)
         if folder is not None:
             os.makedirs(folder, exist_ok=True)
@@ -224,7 +236,11 @@ class TrunkStore:
         if self._file is not None:
             self._file[items, views] = features.numpy()
         else:
-            self._data[torch.as_tensor(items), torch.as_tensor(views)] = features
+            for view in np.unique(views):
+                if self._data[view] is None:
+                    self._data[view] = torch.empty((self.n, *self._shape), dtype=torch.float32)
+                rows = views == view
+                self._data[view][torch.as_tensor(items[rows])] = features[torch.as_tensor(rows)]
         self.filled[items, views] = True
 
     def get(self, items: np.ndarray, views: np.ndarray) -> torch.Tensor:
@@ -232,7 +248,10 @@ class TrunkStore:
         if self._file is not None:
             batch = torch.from_numpy(np.ascontiguousarray(self._file[items, views]))
         else:
-            batch = self._data[torch.as_tensor(items), torch.as_tensor(views)]
+            batch = torch.empty((len(items), *self._shape), dtype=torch.float32)
+            for view in np.unique(views):
+                rows = views == view
+                batch[torch.as_tensor(rows)] = self._data[view][torch.as_tensor(items[rows])]
         return batch.permute(0, 3, 1, 2) if self._channels_last else batch
 
     def close(self) -> None:
