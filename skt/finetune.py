@@ -119,8 +119,10 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
     batch_size : int, default=32
         Images per optimisation step (at least 2, for BatchNorm), and per
         forward pass when predicting.
-    learning_rate_init : float, default=1e-3
-        Peak learning rate of the new head.
+    learning_rate_init : float, default=3e-3
+        Peak learning rate of the new head (the backbone's is
+        ``backbone_lr_scale`` times it). 3e-3 scored 0.875 on ELPV against
+        0.867 for 1e-3 (README, "Fine-tuning on a CPU").
     backbone_lr_scale : float, default=0.1
         Learning rate of the pretrained layers relative to the head
         (discriminative fine-tuning); 0 keeps their weights.
@@ -345,7 +347,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         std=None,
         max_iter=6,
         batch_size=32,
-        learning_rate_init=1e-3,
+        learning_rate_init=3e-3,
         backbone_lr_scale=0.1,
         optimizer="adamw",
         weight_decay=1e-4,

@@ -20,10 +20,11 @@ MODULES = sorted(
 # section fails here instead of silently running nothing.
 WITH_EXAMPLES = {
     "skt.backbones._registry", "skt.backbones._resolve", "skt.backbones._layers",
-    "skt.backbones.efficientnet_lite", "skt.bench", "skt.bench._inputs", "skt.bench._machine",
+    "skt.backbones.efficientnet_lite", "skt.bench", "skt.bench._curve", "skt.bench._inputs",
+    "skt.bench._machine",
     "skt.bench._rows", "skt.bench._run", "skt.cache", "skt.extractor", "skt.finetune",
     "skt.images._folder", "skt.images._preprocess", "skt.images._validate", "skt.pooling",
-    "skt.training._callbacks", "skt.training._optim",
+    "skt.training._callbacks", "skt.training._freeze", "skt.training._optim",
 }
 
 
