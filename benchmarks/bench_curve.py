@@ -63,8 +63,9 @@ def finetune_method(params: dict) -> Row:
     estimator = FineTuneClassifier(**params)
     backbone, size = estimator.backbone, estimator.image_size
     epochs = f"{estimator.max_iter} epoch{'' if estimator.max_iter == 1 else 's'}"
+    pixels = "native size" if size is None else f"{size} px"
     shown = ", ".join(f"{key}={value!r}" for key, value in params.items())
-    return Row(f"{backbone} fine-tuned ({epochs}, {size} px)", estimator, group="fine-tuned",
+    return Row(f"{backbone} fine-tuned ({epochs}, {pixels})", estimator, group="fine-tuned",
                description=f"FineTuneClassifier({shown}); no search", info={"params": params})
 
 

@@ -58,7 +58,7 @@ class DemoSettings:
         Crop size for the fine-tuned row.
     finetune_epochs : int
         Epochs of fine-tuning.
-    finetune_freeze : int or None
+    finetune_freeze : int, "auto" or None
         Stages of Lite0 (from the input side) kept at their ImageNet weights.
     """
 
@@ -68,15 +68,15 @@ class DemoSettings:
     cv: int
     finetune_size: int
     finetune_epochs: int
-    finetune_freeze: int | None
+    finetune_freeze: int | str | None
 
 
 DEMO_SETTINGS = DemoSettings(n_images=None, feature_size=224, pixel_size=32, cv=5,
-                             finetune_size=128, finetune_epochs=2, finetune_freeze=3)
+                             finetune_size=224, finetune_epochs=6, finetune_freeze="auto")
 """``skt demo``: all images; Lite0 features at its native 224 px."""
 
 QUICK_SETTINGS = DemoSettings(n_images=400, feature_size=160, pixel_size=32, cv=3,
-                              finetune_size=64, finetune_epochs=1, finetune_freeze=3)
+                              finetune_size=64, finetune_epochs=1, finetune_freeze="auto")
 """``skt demo --quick``: 400 images, smaller crops, one epoch of fine-tuning."""
 
 
@@ -97,16 +97,17 @@ def run_demo(quick: bool = False, output: str | Path = "demo-results",
       ``Pipeline(FeatureExtractor(cache=...), head)`` searched over the head's
       hyper-parameters: the features are extracted once, into the feature
       cache, and every fit of the search reads them from there;
-    - :class:`skt.FineTuneClassifier` on Lite0 with a short fixed
-      budget and no search: 2 epochs at 128 px, stem and first two block
-      stages frozen (see :func:`skt.bench.finetune_row`).
+    - :class:`skt.FineTuneClassifier` on Lite0 with its defaults and no
+      search: 224 px, ``freeze="auto"`` (6 of 9 stages frozen and computed
+      once per image), 6 epochs (see :func:`skt.bench.finetune_row`).
 
-    The full run uses Lite0 features at its native 224 px and took 2 min 45 s
-    on an otherwise idle 2-core CPU (about 30 s extracting features with the
-    ONNX engine, 60 s fine-tuning: the two progress bars), and up to 9 minutes
-    while other jobs shared the cores. With ``quick=True`` it uses a
-    stratified subset of 400 images, features at 160 px, 3-fold searches and
-    1 epoch of fine-tuning at 64 px, in under 2 minutes.
+    The full run uses Lite0 features at its native 224 px; on an otherwise
+    idle 2-core CPU it should take about 5 minutes (about 35 s extracting
+    features with the ONNX engine, 3 minutes fine-tuning: the one line per
+    epoch), and longer while other jobs share the cores. With
+    ``quick=True`` it uses a stratified subset of 400 images, features at
+    160 px, 3-fold searches and 1 epoch of fine-tuning at 64 px, in under
+    2 minutes.
 
     The feature cache lives in ``<output>/cache``, so a second run reads the
     features instead of computing them (and says so in its report); delete
