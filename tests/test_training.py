@@ -133,7 +133,7 @@ def test_init_state_for_learning_without_forgetting():
     pretrained = tiny_net()
     model = tiny_net()
     model[8] = nn.Linear(16, 2)
-    state = Loop("lwf", freeze="all").init_state(
+    state = Loop("lwf", freeze="all", learning_rate_init=1e-3).init_state(
         model, "8", pretrained, TINY_STAGES, device=torch.device("cpu"),
         generator=torch.Generator(), steps_per_epoch=4)
     # The teacher: a frozen eval-mode copy of the original network.
