@@ -102,8 +102,8 @@ def run_demo(quick: bool = False, output: str | Path = "demo-results",
       once per image), 6 epochs (see :func:`skt.bench.finetune_row`).
 
     The full run uses Lite0 features at its native 224 px; on an otherwise
-    idle 2-core CPU it should take about 5 minutes (about 35 s extracting
-    features with the ONNX engine, 3 minutes fine-tuning: the one line per
+    idle 2-core CPU it took 245 s (about 35 s extracting
+    features with the ONNX engine, 2.5 minutes fine-tuning: one line per
     epoch), and longer while other jobs share the cores. With
     ``quick=True`` it uses a stratified subset of 400 images, features at
     160 px, 3-fold searches and 1 epoch of fine-tuning at 64 px, in under
