@@ -22,12 +22,34 @@ __all__ = [
     "atomic_write",
     "available_cores",
     "close_matches",
+    "expand_path",
     "memory_format",
     "resolve_num_workers",
 ]
 
 
 # ------------------------------------------------------------------ files --
+
+def expand_path(path: str | os.PathLike) -> Path:
+    """``path`` as a :class:`~pathlib.Path`, with a leading ``~`` or ``~user`` expanded.
+
+    Every path parameter and environment variable goes through here, so that
+    ``cache="~/.cache/skt-features"`` means the home folder, not a folder
+    named ``~`` in the working directory.
+
+    Examples
+    --------
+    >>> import os
+    >>> from skt._utils import expand_path
+    >>> expand_path("~/data") == expand_path(os.path.expanduser("~")) / "data"
+    True
+    """
+    try:
+        return Path(path).expanduser()
+    except RuntimeError as exc:  # "~user" of an unknown user, or no home folder at all
+        raise ValueError(f"Cannot expand '~' in {os.fspath(path)!r} ({exc}); pass an "
+                         "absolute path instead.") from exc
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, *, durable: bool = False) -> Iterator[IO[bytes]]:
@@ -39,19 +61,30 @@ def atomic_open(path: str | os.PathLike, *, durable: bool = False) -> Iterator[I
     the previous content (or nothing) under the real name. ``durable=True``
     also flushes the data to disk before the rename (for checkpoints, which a
     power cut must not lose).
+
+    Raises
+    ------
+    OSError
+        When the folder or file cannot be written (a full disk, a read-only
+        folder); the error names ``path`` even where the operating system's
+        own message (a failed ``write``) names no file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(temporary, "wb") as handle:
             yield handle
             if durable:
                 handle.flush()
                 os.fsync(handle.fileno())
         os.replace(temporary, path)
+    except OSError as exc:
+        if exc.errno is None or exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # gone already, or the folder turned read-only
             temporary.unlink()
 
 

@@ -6,6 +6,7 @@ import hashlib
 import math
 import os
 import sys
+import warnings
 from dataclasses import asdict
 from numbers import Integral
 from pathlib import Path
@@ -23,7 +24,13 @@ from skt._sklearn import Interval, StrOptions, _fit_context
 from skt._utils import LRU, resolve_num_workers
 from skt._version import __version__
 from skt.backbones import Backbone, check_layers, layer_names, resolve_backbone
-from skt.cache import FORMAT_VERSION, default_cache_dir, fingerprint_module, open_cache
+from skt.cache import (
+    FORMAT_VERSION,
+    check_cache_writable,
+    default_cache_dir,
+    fingerprint_module,
+    open_cache,
+)
 from skt.extract import FeatureRuntime, extract_into, resolve_device
 from skt.images import as_image_list
 from skt.pooling import POOLINGS
@@ -41,6 +48,18 @@ def _hash_layout(layout) -> str:
 
 def _frozen(value):
     return tuple(np.ravel(value).tolist()) if value is not None else None
+
+
+def _warn_skipped(skipped: list[tuple[int, str]], total: int, stacklevel: int,
+                  shown: int = 3) -> None:
+    """One warning for all the items a call skipped: how many, and the first few messages."""
+    if not skipped:
+        return
+    more = f" ... and {len(skipped) - shown} more." if len(skipped) > shown else ""
+    warnings.warn(
+        f"Skipped {len(skipped)} of {total} images that could not be used; their rows are NaN "
+        f"and skipped_ lists them. {' '.join(message for _, message in skipped[:shown])}{more}",
+        UserWarning, stacklevel=stacklevel)
 
 
 def _backbone_key(params: dict) -> tuple | None:
@@ -63,6 +82,10 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
     ``fit`` loads the backbone (it learns nothing from ``X``); ``transform``
     runs it over the images in batches, in eval mode, and pools each chosen
     layer into a row of features.
+
+    Image files and PIL images are used upright, as their EXIF Orientation
+    tag says (:func:`PIL.ImageOps.exif_transpose`), the way image viewers
+    show them; arrays and tensors are used as they are.
 
     Parameters
     ----------
@@ -103,7 +126,10 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
     cache : str, path, joblib.Memory or None, default=None
         Directory of a feature cache (see :mod:`skt.cache`): each image goes
         through the backbone at most once per configuration and layer, across
-        fits, folds, processes and sessions.
+        fits, folds, processes and sessions. ``~`` is expanded. A folder that
+        cannot be written is an error at ``fit``; a write failure later (a
+        full disk) warns once and extraction goes on without caching. A
+        damaged or misplaced entry is discarded with a warning and recomputed.
     engine : {"auto", "torch", "onnx"}, default="auto"
         What runs the network. ``"onnx"`` exports the truncated network and
         pooling to ONNX once per configuration (a few seconds; the graph is kept
@@ -117,6 +143,24 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         ``torch.set_num_threads``.
     dtype : {"float16", "bfloat16"} or None, default=None
         Autocast precision on CUDA. Ignored on the CPU, where it would be slower.
+    on_error : {"raise", "skip"}, default="raise"
+        What an image that cannot be used does. ``"raise"``: the first one
+        stops ``transform`` with a ``ValueError`` or ``TypeError`` naming it
+        and saying what to do. ``"skip"``, for long unattended runs: its row
+        of the output is NaN (rows stay aligned with ``X``; nothing is
+        dropped), one ``UserWarning`` per call counts such items and quotes
+        the first few, and ``skipped_`` lists them; nothing of theirs is
+        written to ``cache``, so they are read again next time. Skipped are
+        the errors about one item: in a list, an item of the wrong type,
+        shape or dtype, with NaN or out-of-range pixels, or a path that is
+        not a file; and, in any ``X``, an item that fails to decode (a
+        damaged, truncated or oversized file, a closed PIL image or one
+        opened lazily from a damaged file, a float or 32-bit file or PIL
+        image with NaN or out-of-range pixels). Errors about ``X`` as a
+        whole raise either way, before any work: its type, an empty ``X``,
+        and the shape, dtype or pixel values of a stacked array or tensor.
+        So do errors that are not about an image (a failing device or
+        engine). ``fit`` checks ``X`` the same way.
     random_state : int, RandomState or None, default=None
         Seeds the random initialisation when ``weights=None``.
     verbose : int, default=0
@@ -136,6 +180,10 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         Number of output columns.
     engine_ : str
         The engine that runs the network: ``"torch"`` or ``"onnx"``.
+    skipped_ : list of (int, str)
+        The items the last ``transform`` or ``transform_into`` call skipped
+        (``on_error="skip"``): ``(index in X, error message)``, by index.
+        Empty after ``fit`` and when nothing was skipped.
 
     Examples
     --------
@@ -159,6 +207,7 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         "cache": [str, os.PathLike, joblib.Memory, None],
         "engine": [StrOptions({"auto", "torch", "onnx"})],
         "dtype": [StrOptions({"float16", "bfloat16"}), None],
+        "on_error": [StrOptions({"raise", "skip"})],
     }
     _runtime_attributes: ClassVar[tuple[str, ...]] = ("_runtime",)
 
@@ -178,6 +227,7 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         cache=None,
         engine="auto",
         dtype=None,
+        on_error="raise",
         random_state=None,
         verbose=0,
     ):
@@ -194,6 +244,7 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         self.cache = cache
         self.engine = engine
         self.dtype = dtype
+        self.on_error = on_error
         self.random_state = random_state
         self.verbose = verbose
 
@@ -210,7 +261,8 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         Parameters
         ----------
         X : images
-            Checked for type and shape only; not decoded.
+            Checked for type and shape only; not decoded. With
+            ``on_error="skip"``, bad items are left for ``transform`` to skip.
         y : None
             Ignored; present for API consistency.
 
@@ -219,8 +271,9 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         self : FeatureExtractor
             The fitted extractor.
         """
-        as_image_list(X)
+        as_image_list(X, failures=self._failures())
         resolve_device(self.device)  # fail now, not mid-transform, on a missing device
+        check_cache_writable(self.cache)  # and not after hours, on a read-only cache=
         backbone, self._fingerprint, valid_layers = self._resolve()
         self.layers_ = check_layers(backbone.model, self.layers, valid_layers)
         self.model_ = backbone.model
@@ -234,6 +287,7 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         self.n_features_out_ = sum(len(layer.feature_names(self.pooling))
                                    for layer in self._layout)
         self.engine_ = runtime.engine.name
+        self.skipped_ = []
         if self.verbose:
             print(f"skt: {self._label()} with the {self.engine_} engine on "
                   f"{resolve_device(self.device, fallback=True)}", file=sys.stderr)
@@ -292,6 +346,8 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         Exporting takes seconds, so the graph is kept on disk, keyed by the
         weights' hash, layers and preprocessing, and later processes load it.
         """
+        if self.engine == "torch":
+            return None  # no graph to keep
         cache = open_cache(self.cache) or open_cache(default_cache_dir())
         if cache is None:
             return None
@@ -321,12 +377,17 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         Returns
         -------
         X_new : ndarray of shape (n_samples, n_features_out_), dtype float32
-            Row ``i`` holds the features of image ``i``.
+            Row ``i`` holds the features of image ``i`` (NaN for an image
+            skipped with ``on_error="skip"``).
         """
         check_is_fitted(self)
-        images = as_image_list(X)
+        failures = self._failures()
+        images = as_image_list(X, failures=failures)
         out = np.empty((len(images), self.n_features_out_), dtype=np.float32)
-        return self.transform_into(images, out)
+        self._extract(images, out, failures)
+        # Warn at the caller's line, past scikit-learn's set_output wrapper of transform.
+        _warn_skipped(self.skipped_, len(images), stacklevel=4)
+        return out
 
     def transform_into(self, X, out: np.ndarray) -> np.ndarray:
         """Write the features of ``X`` into ``out``, batch by batch, and return it.
@@ -345,13 +406,28 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         Returns
         -------
         out : ndarray
-            ``out``, filled.
+            ``out``, filled (NaN rows for images skipped with ``on_error="skip"``).
         """
         check_is_fitted(self)
-        images = as_image_list(X)
+        failures = self._failures()
+        images = as_image_list(X, failures=failures)
         if out.shape != (len(images), self.n_features_out_):
             raise ValueError(f"out has shape {out.shape}; expected "
                              f"{(len(images), self.n_features_out_)}.")
+        if not np.issubdtype(out.dtype, np.floating) or not out.flags.writeable:
+            raise ValueError(f"out must be a writable float array; it is a "
+                             f"{'writable' if out.flags.writeable else 'read-only'} {out.dtype} "
+                             "array. Open a memmap with mode 'w+' or 'r+', dtype float32.")
+        self._extract(images, out, failures)
+        _warn_skipped(self.skipped_, len(images), stacklevel=3)
+        return out
+
+    def _failures(self) -> dict[int, str] | None:
+        """Where items that cannot be used are recorded: a dict to skip them, None to raise."""
+        return {} if self.on_error == "skip" else None
+
+    def _extract(self, images, out: np.ndarray, failures: dict[int, str] | None) -> None:
+        """Fill ``out`` with the features of validated ``images``; record ``skipped_``."""
         # off a terminal (a log file), the bar is drawn when it starts and ends only
         terminal = getattr(sys.stderr, "isatty", lambda: False)()
         with tqdm(total=len(images), disable=not self.verbose, unit="img",
@@ -361,8 +437,8 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
                          batch_size=self.batch_size,
                          num_workers=resolve_num_workers(self.num_workers),
                          cache=open_cache(self.cache), description=self._cache_description(),
-                         progress=progress)
-        return out
+                         progress=progress, failures=failures)
+        self.skipped_ = sorted((failures or {}).items())
 
     def get_feature_names_out(self, input_features=None):
         """Get output feature names for transformation.

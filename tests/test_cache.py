@@ -1,8 +1,11 @@
 """The feature cache: one forward pass per image, across fits, folds and processes."""
 
 import collections
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import joblib
 import numpy as np
@@ -13,8 +16,20 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline, make_pipeline
 
+import skt.cache
 from skt import FeatureExtractor, cache_info, clear_cache
-from skt.cache import FeatureCache, fingerprint, fingerprint_module, forget_memory
+from skt.cache import (
+    FORMAT_VERSION,
+    FeatureCache,
+    check_cache_writable,
+    default_cache_dir,
+    fingerprint,
+    fingerprint_module,
+    forget_memory,
+    open_cache,
+    seal,
+    unseal,
+)
 from skt.extract import TorchEngine
 
 from .conftest import TINY
@@ -340,3 +355,135 @@ def test_serve_reads_hits_and_computes_only_the_missing(tmp_path):
     cache.serve({"what": "another"}, layers, keys[:1], compute, emit)
     assert asked[-1] == [0]  # another configuration shares nothing
 
+
+
+def test_config_key_rewrites_a_damaged_or_foreign_description(tmp_path):
+    cache = FeatureCache(tmp_path)
+    description = {"backbone": "resnet18", "size": (32, 32)}
+    key = cache.config_key(description)
+    path = cache.root / key / "config.json"
+    assert json.loads(path.read_text()) == {"backbone": "resnet18", "size": [32, 32]}
+    good = path.read_text()
+    for damage in ('{"backbone": "resn', '{"backbone": "vit"}', "[1, 2]", "\xff\xfe"):
+        path.write_text(damage, encoding="latin-1")
+        with pytest.warns(RuntimeWarning) as caught:
+            assert cache.config_key(description) == key
+        assert [str(w.message) for w in caught] == [
+            f"Rewriting {path}: it was unreadable or described another configuration."]
+        assert path.read_text() == good
+    before = path.stat().st_mtime_ns
+    cache.config_key(description)  # a sound description is left alone
+    assert path.stat().st_mtime_ns == before
+
+
+# ---------------------------------------------------------------- sealing --
+
+def test_sealed_files_know_their_place_in_the_cache(tmp_path):
+    place = tmp_path / "skt-features" / "v2" / "config" / "layer" / "ab" / "abcd"
+    data = seal(place, b"payload")
+    assert len(data) == len(b"payload") + 16
+    assert unseal(place, data) == b"payload"
+    # The same place in a cache folder moved elsewhere, even one inside a folder of that name.
+    moved = tmp_path / "skt-features" / "backup" / "skt-features" / "v2" / "config" / "layer"
+    assert unseal(moved / "ab" / "abcd", data) == b"payload"
+    for wrong in (place.with_name("abce"), place.parent.parent / "other" / "ab" / "abcd"):
+        assert unseal(wrong, data) is None
+    assert unseal(place, data[:-1]) is None and unseal(place, data[:10]) is None
+    assert unseal(place, b"q" + data[1:]) is None and unseal(place, b"") is None
+
+
+def test_cache_format_is_versioned(tmp_path):
+    assert FORMAT_VERSION == 2
+    assert FeatureCache(tmp_path).root == tmp_path / "skt-features" / "v2"
+
+
+# ------------------------------------------------------------------ paths --
+
+def test_tilde_means_the_home_folder(images, tmp_path, monkeypatch):
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    FeatureExtractor(**TINY, cache="~/.cache/skt-features").fit(images).transform(images)
+    assert list(work.iterdir()) == []  # no folder named "~" here
+    folder = home / ".cache" / "skt-features"
+    assert cache_info(folder)["entries"] == 8
+    assert cache_info("~/.cache/skt-features")["path"] == str(folder)
+    assert cache_info(Path("~/.cache/skt-features"))["entries"] == 8
+    assert open_cache("~/elsewhere").location == home / "elsewhere"
+    assert open_cache(Path("~", "elsewhere")).location == home / "elsewhere"
+    assert clear_cache(Path("~/.cache/skt-features")) > 0
+    assert cache_info(folder)["entries"] == 0
+
+
+def test_default_cache_dir_expands_tilde_in_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("SKT_CACHE_DIR", "~/skt-cache")
+    assert default_cache_dir() == tmp_path / "skt-cache"
+    monkeypatch.setenv("SKT_CACHE_DIR", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", "~/xdg")
+    assert default_cache_dir() == tmp_path / "xdg" / "skt"
+    monkeypatch.delenv("SKT_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == tmp_path / ".cache" / "skt"
+    assert (tmp_path / ".cache" / "skt").is_dir()
+
+
+def test_cache_info_and_clear_need_an_existing_folder(tmp_path):
+    missing = tmp_path / "missing"
+    message = f"'{missing}': no such folder. Pass the folder given as cache=."
+    with pytest.raises(FileNotFoundError) as caught:
+        cache_info(missing)
+    assert str(caught.value) == message
+    with pytest.raises(FileNotFoundError) as caught:
+        clear_cache(missing)
+    assert str(caught.value) == message
+    assert not missing.exists()  # asking does not create it
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(FileNotFoundError, match="'.*file': a file, not a folder"):
+        cache_info(a_file)
+    (tmp_path / "other").mkdir()  # a folder holding no skt cache
+    assert cache_info(tmp_path) == {"path": str(tmp_path), "entries": 0, "graphs": 0,
+                                    "bytes": 0, "configs": []}
+    assert clear_cache(tmp_path) == 0 and (tmp_path / "other").is_dir()
+
+
+def test_cache_info_reports_an_unreadable_description(images, tmp_path):
+    FeatureExtractor(**TINY, cache=tmp_path).fit(images).transform(images)
+    (config,) = (tmp_path / "skt-features" / "v2").iterdir()
+    path = config / "config.json"
+    path.write_text('{"backbone": "res')
+    with pytest.warns(RuntimeWarning) as caught:
+        info = cache_info(tmp_path)
+    error = (f"unreadable config.json at {path}: Unterminated string starting at: "
+             "line 1 column 14 (char 13)")
+    assert [str(w.message) for w in caught] == [
+        f"{error}; it is rewritten the next time this configuration is used."]
+    assert info["entries"] == 8 and info["configs"][0]["description"] == {"error": error}
+
+
+def test_check_cache_writable(tmp_path):
+    check_cache_writable(None)
+    check_cache_writable(joblib.Memory(None, verbose=0))
+    check_cache_writable(tmp_path / "new")
+    assert (tmp_path / "new" / "skt-features" / "v2").is_dir()  # created, and left empty
+    assert list((tmp_path / "new" / "skt-features" / "v2").iterdir()) == []
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    with pytest.raises(NotADirectoryError) as caught:
+        check_cache_writable(blocker)
+    assert str(caught.value) == (
+        f"cache='{blocker}' cannot be written (Not a directory). Fix the folder's permissions, "
+        "choose another folder, or pass cache=None to extract without a cache.")
+
+
+def test_a_lock_file_that_cannot_be_opened_is_no_obstacle(tmp_path):
+    cache = FeatureCache(tmp_path)
+    config = cache.config_key({"what": "test"})
+    (cache.root / config / ".lock").mkdir()  # cannot be opened for writing
+    with cache.lock(config):
+        pass
+    descriptor = skt.cache._take_lock(cache.root / "new" / ".lock")  # folder created
+    assert descriptor is not None and (cache.root / "new" / ".lock").is_file()
+    os.close(descriptor)

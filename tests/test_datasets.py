@@ -285,6 +285,21 @@ def test_fashion_found_in_home_default(fresh_machine, tmp_path, monkeypatch, fas
     assert len(load_fashion_mnist("~/skt_data", subset="test").target) == 3  # ~ is expanded
 
 
+def test_fashion_expands_tilde_in_skt_data_and_paths(fresh_machine, tmp_path, monkeypatch,
+                                                     fashion_arrays):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("SKT_DATA", "~/elsewhere")
+    folder = tmp_path / "elsewhere" / "fashion-mnist"
+    folder.mkdir(parents=True)
+    write_fashion(folder, fashion_arrays, compress=False)
+    assert datasets._data_home(None) == tmp_path / "elsewhere"
+    assert len(load_fashion_mnist(subset="test").target) == 3
+    assert len(load_fashion_mnist(Path("~", "elsewhere"), subset="test").target) == 3
+    with pytest.raises(FileNotFoundError, match=f"none of its IDX files is in any of\n"
+                                                f"  {tmp_path}/nowhere/fashion-mnist\n"):
+        load_fashion_mnist(Path("~/nowhere"))
+
+
 def test_fashion_search_order(fresh_machine, tmp_path, monkeypatch, fashion_arrays):
     """$SKT_DATA/fashion-mnist before torchvision's layout before Debian's folder."""
     debian = tmp_path / "debian"

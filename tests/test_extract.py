@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import ExifTags, Image
 from torch import nn
 
 import skt.extract._engines
@@ -215,3 +216,62 @@ def test_without_a_cache_graphs_go_to_skt_cache_dir(pictures, tmp_path, monkeypa
     monkeypatch.setattr(skt.extract._engines, "_export_onnx", no_export)
     second = FeatureExtractor(**{**ONNX, "layers": "layer1"}).fit(pictures)
     np.testing.assert_array_equal(first.transform(pictures), second.transform(pictures))
+
+
+# ------------------------------------------------------- items that fail --
+
+@pytest.fixture(scope="module")
+def runtime():
+    backbone = resolve_backbone("resnet18", weights=None, image_size=32, random_state=0)
+    return FeatureRuntime(backbone.model, backbone.classifier, backbone.preprocessing,
+                          ["layer4"], "avg", device=torch.device("cpu"))
+
+
+def _extract(items, runtime, **kwargs):
+    out = np.zeros((len(items), 512), np.float32)
+    return extract_into(out, items, runtime, "avg", batch_size=2, num_workers=0, **kwargs)
+
+
+def test_summaries_leave_out_the_rows_of_failed_items(images, runtime):
+    failures = {}
+    items = as_image_list([images[0], "gone.png", np.full((4, 4), np.nan), images[1],
+                           images[2]], failures=failures)
+    assert sorted(failures) == [1, 2]
+    rows = [rows for rows, _ in runtime.summaries(items, range(5), 2, 0, failures=failures)]
+    assert rows == [[0], [3], [4]]
+    first = [rows for rows, _ in runtime.summaries(items, [1, 2, 3], 2, 0, failures=failures)]
+    assert first == [[3]]  # a batch whose items all failed yields nothing
+
+
+def test_extract_into_fills_nan_rows_and_caches_only_what_was_read(images, image_files,
+                                                                  runtime, tmp_path):
+    closed = Image.open(image_files[0])
+    closed.close()  # cannot even be hashed for the cache
+    failures = {}
+    items = as_image_list([images[0], closed, "gone.png", images[1]], failures=failures)
+    cache = FeatureCache(tmp_path)
+    out = _extract(items, runtime, cache=cache, description={"net": "r18"}, failures=failures)
+    assert sorted(failures) == [1, 2]
+    assert failures[1].startswith("Image 1 (a PIL image opened from")
+    assert np.isnan(out[[1, 2]]).all() and not np.isnan(out[[0, 3]]).any()
+    np.testing.assert_allclose(out[[0, 3]], _extract(as_image_list(images[:2]), runtime),
+                               rtol=1e-5, atol=1e-6)
+    assert cache_info(tmp_path)["entries"] == 2
+    with pytest.raises(ValueError, match=r"^Image 1 \(a PIL image opened from .*\) cannot be "
+                                         r"read as an image \(Operation on closed image\)"):
+        _extract(as_image_list([images[0], closed]), runtime, cache=cache,
+                 description={"net": "r18"})
+
+
+def test_pil_twins_that_differ_in_orientation_do_not_share_a_cache_entry(images, runtime,
+                                                                        tmp_path):
+    tagged, plain = Image.fromarray(images[0]), Image.fromarray(images[0])
+    tagged.getexif()[ExifTags.Base.Orientation] = 6
+    items = as_image_list([tagged, plain])
+    expected = _extract(items, runtime)
+    assert not np.allclose(expected[0], expected[1], rtol=1e-3, atol=1e-3)
+    for _ in range(2):  # fills the cache, then reads it
+        cached = _extract(items, runtime, cache=FeatureCache(tmp_path),
+                          description={"net": "r18"})
+        np.testing.assert_allclose(cached, expected, rtol=1e-5, atol=1e-6)
+    assert cache_info(tmp_path)["entries"] == 2

@@ -2,17 +2,19 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import threading
 import warnings
 
 import joblib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
+from sklearn.utils._param_validation import InvalidParameterError
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from skt import FeatureExtractor
+from skt import FeatureExtractor, cache_info
 from skt.backbones import resolve_backbone
 from skt.images import load_image, preprocess
 
@@ -205,3 +207,133 @@ def test_no_warnings_in_normal_use(images):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _fit(images, layers="layer2").transform(images)
+
+
+# ------------------------------------------------------------- bad items --
+
+def test_closed_and_truncated_pil_images_through_transform(images, image_files, tmp_path):
+    extractor = _fit(images)
+    closed = Image.open(image_files[2])
+    closed.close()
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(open(image_files[0], "rb").read()[:200])
+    for bad, cause in ((closed, "Operation on closed image"),
+                       (Image.open(truncated), "image file is truncated")):
+        with pytest.raises(ValueError, match=rf"^Image 1 \(a PIL image opened from .*\) cannot "
+                                             rf"be read as an image \({cause}"):
+            extractor.transform([images[0], bad, images[1]])
+
+
+def test_exif_orientation_gives_the_features_of_the_turned_image(images, tmp_path):
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # shown turned a quarter clockwise
+    path = tmp_path / "tagged.png"
+    Image.fromarray(images[0]).save(path, exif=exif)
+    by_hand = np.ascontiguousarray(np.rot90(images[0], k=-1))
+    extractor = _fit(images)
+    expected = extractor.transform([by_hand])
+    np.testing.assert_allclose(extractor.transform([str(path)]), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(extractor.transform([Image.open(path)]), expected, rtol=1e-5,
+                               atol=1e-6)
+    assert not np.allclose(extractor.transform([images[0]]), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_read_only_or_integer_out_is_refused(images):
+    extractor = _fit(images)
+    frozen = np.zeros((8, 512), np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be a writable float array; it is a "
+                                         "read-only float32 array"):
+        extractor.transform_into(images, frozen)
+    with pytest.raises(ValueError, match="it is a writable int64 array"):
+        extractor.transform_into(images, np.zeros((8, 512), np.int64))
+
+
+# ------------------------------------------------------ on_error="skip" --
+
+@pytest.fixture
+def damaged(image_files, tmp_path):
+    """Six files with two bad ones: index 1 is not an image, index 4 does not exist."""
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image")
+    return [image_files[0], str(broken), *image_files[1:3], str(tmp_path / "gone.png"),
+            image_files[3]]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skip_gives_nan_rows_a_warning_and_skipped_(damaged, image_files, num_workers):
+    good = [0, 2, 3, 5]
+    alone = _fit(image_files).transform([damaged[i] for i in good])
+    extractor = _fit(damaged, on_error="skip", batch_size=2, num_workers=num_workers)
+    assert extractor.skipped_ == []
+    with pytest.warns(UserWarning, match=r"^Skipped 2 of 6 images that could not be used; "
+                                         r"their rows are NaN and skipped_ lists them\. "
+                                         r"Image 1 \('.*broken\.png'\) cannot be read"):
+        features = extractor.transform(damaged)
+    assert np.isnan(features).all(axis=1).tolist() == [False, True, False, False, True, False]
+    np.testing.assert_allclose(features[good], alone, rtol=1e-5, atol=1e-6)
+    assert [index for index, _ in extractor.skipped_] == [1, 4]
+    assert extractor.skipped_[0][1].startswith(f"Image 1 ({damaged[1]!r}) cannot be read as an "
+                                               "image (cannot identify image file")
+    assert extractor.skipped_[1][1].startswith(f"Image 4 ({damaged[4]!r}): the file does not "
+                                               "exist")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        extractor.transform(image_files[:2])
+    assert extractor.skipped_ == []
+
+
+def test_skip_works_for_every_kind_of_item(images, image_files):
+    closed = Image.open(image_files[0])
+    closed.close()
+    nan = np.full((8, 8), np.nan)
+    X = [images[0], closed, nan, "nope.png", 7, torch.zeros(3, 0, 4), images[1]]
+    extractor = _fit(images, on_error="skip")
+    with pytest.warns(UserWarning, match=r"Skipped 5 of 7 images.* \.\.\. and 2 more\.$"):
+        features = extractor.transform(X)
+    assert [index for index, _ in extractor.skipped_] == [1, 2, 3, 4, 5]
+    assert np.isnan(features[1:6]).all()
+    np.testing.assert_allclose(features[[0, 6]], _fit(images).transform(images[:2]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_skip_still_raises_for_x_as_a_whole(images):
+    extractor = _fit(images, on_error="skip")
+    with pytest.raises(TypeError, match="X is a int"):
+        extractor.transform(42)
+    with pytest.raises(ValueError, match="X is empty"):
+        extractor.transform([])
+    stack = images.astype(np.float32) / 255
+    stack[3, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="Image 3 contains NaN"):
+        extractor.transform(stack)
+
+
+def test_skip_never_caches_a_failure_and_retries_it(damaged, image_files, tmp_path):
+    extractor = _fit(damaged, on_error="skip", cache=tmp_path / "cache")
+    with pytest.warns(UserWarning, match="Skipped 2 of 6"):
+        first = extractor.transform(damaged)
+    assert cache_info(tmp_path / "cache")["entries"] == 4
+    Image.open(image_files[4]).save(damaged[1], format="PNG")  # repaired in place
+    with pytest.warns(UserWarning, match=r"Skipped 1 of 6 .* Image 4 "):
+        second = extractor.transform(damaged)
+    assert cache_info(tmp_path / "cache")["entries"] == 5
+    np.testing.assert_allclose(second[1], _fit(image_files).transform([image_files[4]])[0],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.isnan(second).any(axis=1), [False] * 4 + [True, False])
+    np.testing.assert_allclose(second[[0, 2, 3, 5]], first[[0, 2, 3, 5]], rtol=1e-6, atol=1e-7)
+
+
+def test_fit_checks_x_as_on_error_says(damaged):
+    with pytest.raises(ValueError, match=r"Image 4 \('.*gone\.png'\): the file does not exist"):
+        _fit(damaged)
+    assert _fit(damaged, on_error="skip").n_features_out_ == 512
+    with pytest.raises(InvalidParameterError, match="'on_error' parameter"):
+        _fit(damaged, on_error="ignore")
+
+
+def test_a_decoding_error_leaves_no_thread_behind(image_files, damaged):
+    extractor = _fit(image_files, batch_size=2, num_workers=2)
+    with pytest.raises(ValueError, match=r"Image 8 \('.*broken\.png'\) cannot be read"):
+        extractor.transform([*image_files, damaged[1], *image_files])
+    assert [t for t in threading.enumerate() if t.name.startswith("skt-decode")] == []

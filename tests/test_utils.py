@@ -1,7 +1,9 @@
 """skt._utils: the helpers written once."""
 
+import errno
 import os
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from skt._utils import (
     atomic_write,
     available_cores,
     close_matches,
+    expand_path,
     memory_format,
     resolve_num_workers,
 )
@@ -33,6 +36,38 @@ def test_a_failed_write_keeps_the_previous_content(tmp_path):
         raise RuntimeError("disk on fire")
     assert path.read_bytes() == b"kept"
     assert os.listdir(tmp_path) == ["file.bin"]
+
+
+def test_a_failed_write_names_the_file(tmp_path):
+    path = tmp_path / "file.bin"
+    atomic_write(path, b"kept")
+    # What a full disk does: write() fails with an error that names no file.
+    with pytest.raises(OSError) as caught, atomic_open(path) as handle:
+        handle.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
+    assert str(caught.value) == f"[Errno 28] No space left on device: '{path}'"
+    assert path.read_bytes() == b"kept" and os.listdir(tmp_path) == ["file.bin"]
+
+
+def test_an_error_naming_a_file_is_left_as_it_is(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_bytes(b"")
+    with pytest.raises(FileExistsError) as caught:
+        atomic_write(blocker / "file.bin", b"data")  # its folder would be a file
+    assert caught.value.filename == str(blocker)
+
+
+def test_expand_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert expand_path("~/data") == tmp_path / "data"
+    assert expand_path(Path("~", "data")) == tmp_path / "data"
+    assert expand_path("~") == tmp_path
+    assert expand_path("data/~") == Path("data/~")  # only a leading ~ is a home folder
+    assert expand_path(tmp_path / "x") == tmp_path / "x"
+    with pytest.raises(ValueError, match=r"Cannot expand '~' in '~no-such-user-skt/x' .*; pass "
+                                         r"an absolute path instead\."):
+        expand_path("~no-such-user-skt/x")
 
 
 def test_lru_by_count_evicts_the_least_recently_used():

@@ -6,14 +6,13 @@ import copy
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 from sklearn.utils import check_random_state
 from torch import nn
 
-from skt._utils import close_matches
+from skt._utils import close_matches, expand_path
 from skt.backbones._registry import BackboneFamily, family_of, list_backbones
 from skt.images import Preprocessing
 
@@ -124,13 +123,13 @@ def _is_path(weights: Any) -> bool:
     if isinstance(weights, os.PathLike):
         return True
     return isinstance(weights, str) and (
-        os.sep in weights or "/" in weights or weights.lower().endswith(_STATE_DICT_SUFFIXES)
-        or os.path.isfile(weights)
+        os.sep in weights or "/" in weights or weights.startswith("~")
+        or weights.lower().endswith(_STATE_DICT_SUFFIXES) or os.path.isfile(weights)
     )
 
 
 def _load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    path = Path(path)
+    path = expand_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights={str(path)!r}: no such file. Pass the path of a "
                                 "state-dict file, a weights name such as 'DEFAULT', or None.")

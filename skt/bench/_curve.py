@@ -13,6 +13,7 @@ import numpy as np
 from sklearn.base import clone
 from threadpoolctl import threadpool_limits
 
+from skt._utils import expand_path
 from skt.bench._inputs import Input
 from skt.bench._machine import HEAD_BLAS_THREADS, format_machine, machine_info
 from skt.bench._rows import Row
@@ -351,7 +352,7 @@ def plot_learning_curve(results: dict, path: str | os.PathLike) -> Path:
     axes.set_title(f"{results['title']}\nmean over {protocol['n_seeds']} random training "
                    "subsets per size; band: min to max", fontsize=10)
     axes.legend(fontsize=8, loc="lower right")
-    path = Path(path)
+    path = expand_path(path)
     figure.savefig(path, dpi=120)
     return path
 
@@ -385,7 +386,7 @@ def write_learning_curve(results: dict, output: str | os.PathLike) -> dict[str, 
     ...     print(paths["markdown"].read_text().splitlines()[2])
     | training images | majority |
     """
-    output = Path(output)
+    output = expand_path(output)
     output.mkdir(parents=True, exist_ok=True)
     paths = {"json": output / "curve.json", "markdown": output / "curve.md"}
     paths["json"].write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

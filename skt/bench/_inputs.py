@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from sklearn.base import clone
 
-from skt._utils import resolve_num_workers
+from skt._utils import expand_path, resolve_num_workers
 from skt.cache import cache_info
 from skt.extractor import FeatureExtractor
 from skt.images import Preprocessing, as_image_list, iter_batches, load_image
@@ -108,7 +107,7 @@ def pixel_input(size: int | None = 32, name: str = "pixels") -> Input:
 
 
 def _count_entries(cache: str | os.PathLike) -> int:
-    return cache_info(cache)["entries"] if Path(cache).is_dir() else 0
+    return cache_info(cache)["entries"] if expand_path(cache).is_dir() else 0
 
 
 def feature_input(extractor: FeatureExtractor, name: str | None = None) -> Input:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from skt._utils import expand_path
 from skt.bench._machine import format_machine
 
 __all__ = ["METRICS", "format_table", "markdown_table", "plot_results", "write_results"]
@@ -137,7 +138,7 @@ def plot_results(results: dict, path: str | os.PathLike) -> Path:
     axes.grid(axis="y", alpha=0.3)
     axes.set_title(results["title"], fontsize=10)
     figure.legend(fontsize=8, loc="outside lower center", ncols=2, frameon=False)
-    path = Path(path)
+    path = expand_path(path)
     figure.savefig(path, dpi=120)
     return path
 
@@ -151,7 +152,7 @@ def write_results(results: dict, output: str | os.PathLike, chart: bool = True) 
         ``{"json": path, "markdown": path, "chart": path}`` (no ``"chart"``
         without it).
     """
-    output = Path(output)
+    output = expand_path(output)
     output.mkdir(parents=True, exist_ok=True)
     paths = {"json": output / "results.json", "markdown": output / "results.md"}
     paths["json"].write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from skt._utils import expand_path
 from skt.bench import (
     Reference,
     feature_input,
@@ -140,7 +141,7 @@ def run_demo(quick: bool = False, output: str | Path = "demo-results",
     """
     start = time.perf_counter()
     settings = QUICK_SETTINGS if quick else DEMO_SETTINGS
-    output = Path(output)
+    output = expand_path(output)
     output.mkdir(parents=True, exist_ok=True)
     chart = _has_matplotlib(verbose)
     elpv = load_elpv(return_paths=True)

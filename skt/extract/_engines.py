@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skt._utils import atomic_write, memory_format
+from skt._utils import memory_format
+from skt.cache import seal, unseal, write_cache_file
 from skt.extract._model import FeatureModel
 
 __all__ = ["OnnxEngine", "TorchEngine", "make_engine", "onnx_available"]
@@ -60,7 +61,11 @@ class OnnxEngine:
         Image size the graph is exported for.
     path : Path, optional
         Where to keep the ``.onnx`` file (a feature cache folder) so that later
-        processes skip the export; None keeps it in memory only.
+        processes skip the export; None keeps it in memory only. The file
+        carries a checksum (see :func:`skt.cache.seal`); one that is damaged,
+        does not load or fails the check against the eager model is replaced
+        by a new export, with a warning naming it. When the folder cannot be
+        written the graph stays in memory (see :mod:`skt.cache`).
     threads : int, optional
         ONNX Runtime intra-op threads; default ``torch.get_num_threads()``, so
         ``torch.set_num_threads`` controls both engines.
@@ -75,23 +80,47 @@ class OnnxEngine:
 
     def __init__(self, model: FeatureModel, size: int, path: Path | None = None,
                  threads: int | None = None) -> None:
+        self.threads = threads
+        if path is not None and self._start_stored(model, size, path):
+            return
+        graph = _export_onnx(model, size)
+        self._start(graph)
+        self._check(model, size)  # only a graph that passes is kept
+        if path is not None:
+            write_cache_file(path, seal(path, graph))
+
+    def _start_stored(self, model: FeatureModel, size: int, path: Path) -> bool:
+        """Run the graph kept at ``path``; False when there is none or it is damaged."""
+        try:
+            graph = unseal(path, path.read_bytes())
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            graph, reason = None, exc.strerror or str(exc)
+        else:
+            reason = "truncated, corrupt or moved from another graph's place"
+        if graph is not None:
+            try:
+                self._start(graph)
+                self._check(model, size)
+                return True
+            except Exception as exc:  # ONNX Runtime raises its own types; any failure re-exports
+                reason = _first_sentence(exc)
+        warnings.warn(f"Discarding the exported ONNX graph {path} ({reason}); exporting it "
+                      "again.", RuntimeWarning, stacklevel=4)
+        return False
+
+    def _start(self, graph: bytes) -> None:
         import onnxruntime
 
-        if path is not None and path.is_file():
-            graph = path.read_bytes()
-        else:
-            graph = _export_onnx(model, size)
-            if path is not None:
-                atomic_write(path, graph)
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.intra_op_num_threads = self.threads or torch.get_num_threads()
         # Decoding workers share the cores: spinning threads would steal their time.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         self.session = onnxruntime.InferenceSession(graph, options,
                                                     providers=["CPUExecutionProvider"])
-        self._check(model, size)
 
     def __call__(self, batch: torch.Tensor) -> list[np.ndarray]:
         x = np.ascontiguousarray(batch.numpy(), dtype=np.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -9,12 +10,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from skt.cache import FeatureCache, fingerprint
 from skt.extract._engines import make_engine
 from skt.extract._model import build_feature_model
-from skt.images import Preprocessing, dihedral_view, iter_batches
+from skt.images import Preprocessing, apply_orientation, dihedral_view, iter_batches
 from skt.pooling import LayerLayout, pool_into
 
 __all__ = ["FeatureRuntime", "extract_into"]
@@ -62,18 +64,28 @@ class FeatureRuntime:
 
     def summaries(self, images: Sequence, indices: Sequence[int], batch_size: int,
                   num_workers: int, views: Sequence[int] = (0,),
+                  failures: dict[int, str] | None = None,
                   ) -> Iterator[tuple[list[int], list[np.ndarray]]]:
         """Yield ``(rows, summaries)`` for the images at ``indices``, batch by batch.
 
         With several ``views`` (:func:`skt.images.dihedral_view` numbers), each
         summary is the mean of the views' summaries: test-time augmentation,
-        meant for flat layers such as logits.
+        meant for flat layers such as logits. With a ``failures`` dict, items
+        that cannot be read are recorded there (see
+        :func:`skt.images.iter_batches`) and left out of ``rows``, as are items
+        already in it; a batch with no item left yields nothing.
         """
         indices = list(indices)
         start = 0
-        for batch in iter_batches(images, self.preprocessing, batch_size, num_workers, indices):
+        for batch in iter_batches(images, self.preprocessing, batch_size, num_workers, indices,
+                                  failures=failures):
             rows = indices[start:start + len(batch)]
             start += len(batch)
+            if failures:
+                keep = [k for k, row in enumerate(rows) if row not in failures]
+                if not keep:
+                    continue
+                batch, rows = batch[keep], [rows[k] for k in keep]
             outputs = [self.engine(dihedral_view(batch, view)) for view in views]
             yield rows, [np.mean(parts, axis=0, dtype=np.float32) if len(parts) > 1 else parts[0]
                          for parts in zip(*outputs, strict=True)]
@@ -82,13 +94,20 @@ class FeatureRuntime:
 def extract_into(out: np.ndarray, images: Sequence, runtime: FeatureRuntime, pooling: str, *,
                  batch_size: int, num_workers: int, cache: FeatureCache | None = None,
                  description: dict[str, Any] | None = None, progress: Any = None,
-                 views: Sequence[int] = (0,)) -> np.ndarray:
+                 views: Sequence[int] = (0,), failures: dict[int, str] | None = None,
+                 ) -> np.ndarray:
     """Fill ``out`` (``(len(images), n_features)``) with the pooled features of ``images``.
 
     With ``cache``, items found under ``description`` are read, not computed
     (see :meth:`skt.cache.FeatureCache.serve`). ``progress`` is a tqdm bar or
     None. ``views`` averages summaries over views (see
     :meth:`FeatureRuntime.summaries`); not with ``cache``.
+
+    ``failures`` None: the first item that cannot be read raises. A dict:
+    such items are recorded as ``failures[index] = message`` (items already
+    there, refused by :func:`skt.images.as_image_list`, are not read), their
+    rows of ``out`` are NaN, and nothing of theirs goes into ``cache``, so
+    they are tried again next time.
     """
     def emit(rows: Sequence[int], summaries: Sequence[np.ndarray]) -> None:
         pool_into(out, rows, summaries, runtime.layout, pooling)
@@ -96,13 +115,51 @@ def extract_into(out: np.ndarray, images: Sequence, runtime: FeatureRuntime, poo
             progress.update(len(rows))
 
     def compute(indices: Sequence[int]):
-        return runtime.summaries(images, indices, batch_size, num_workers, views)
+        return runtime.summaries(images, indices, batch_size, num_workers, views, failures)
 
+    live = [i for i in range(len(images)) if not failures or i not in failures]
     if cache is None:
-        for rows, summaries in compute(range(len(images))):
+        for rows, summaries in compute(live):
             emit(rows, summaries)
-        return out
-    keys = [fingerprint(images[i]) for i in range(len(images))]
-    layers = [(layer.name, layer.kind) for layer in runtime.layout]
-    cache.serve(description, layers, keys, compute, emit)
+    else:
+        _serve_cached(cache, description, images, live, runtime, compute, emit)
+    if failures:
+        failed = sorted(failures)
+        out[failed] = np.nan
+        if progress is not None:
+            progress.update(len(failed))
     return out
+
+
+def _serve_cached(cache: FeatureCache, description: dict[str, Any] | None, images: Sequence,
+                  live: list[int], runtime: FeatureRuntime, compute, emit) -> None:
+    """Run ``live`` items through ``cache``, keyed by content; compute the unkeyable ones.
+
+    PIL images are keyed by their upright pixels, so an image with an EXIF
+    Orientation tag does not share a key with its untagged twin. An item
+    that cannot even be hashed (a closed PIL image, a file that vanished)
+    is computed outside the cache, where reading it raises (or records) its
+    own error naming it.
+    """
+    keys: dict[int, str] = {}
+    for i in live:
+        item = images[i]
+        with contextlib.suppress(Exception):  # reading it below names the item and the cause
+            keys[i] = fingerprint(apply_orientation(item) if isinstance(item, Image.Image)
+                                  else item)
+    keyed = list(keys)
+    position = {i: j for j, i in enumerate(keyed)}
+
+    def compute_keyed(local: Sequence[int]):
+        for rows, summaries in compute([keyed[j] for j in local]):
+            yield [position[i] for i in rows], summaries
+
+    def emit_keyed(local: Sequence[int], summaries: Sequence[np.ndarray]) -> None:
+        emit([keyed[j] for j in local], summaries)
+
+    layers = [(layer.name, layer.kind) for layer in runtime.layout]
+    cache.serve(description, layers, list(keys.values()), compute_keyed, emit_keyed)
+    unkeyed = [i for i in live if i not in keys]
+    if unkeyed:
+        for rows, summaries in compute(unkeyed):
+            emit(rows, summaries)

@@ -2,14 +2,16 @@
 
 :func:`as_image_list` checks any accepted ``X`` (paths, PIL images, arrays,
 tensors; see :mod:`skt.images._validate`) and names the first bad item;
-:func:`load_image` decodes one item to an RGB tensor; :func:`preprocess`
+:func:`load_image` decodes one item to an upright RGB tensor (EXIF
+orientation applied, see :func:`apply_orientation`); :func:`preprocess`
 resizes, crops and normalises it as a :class:`Preprocessing` says;
-:func:`iter_batches` does all of it for many images, decoding in threads.
-This package knows nothing of networks.
+:func:`iter_batches` does all of it for many images, decoding in threads,
+and can record items that cannot be read instead of raising. This package
+knows nothing of networks.
 """
 
 from skt.images._batching import ImageDataset, iter_batches
-from skt.images._decode import load_image
+from skt.images._decode import apply_orientation, load_image
 from skt.images._folder import list_image_files, load_image_folder
 from skt.images._preprocess import (
     AUGMENTATIONS,
@@ -32,6 +34,7 @@ __all__ = [
     "IMAGENET_STD",
     "ImageDataset",
     "Preprocessing",
+    "apply_orientation",
     "as_image_list",
     "describe_item",
     "dihedral_view",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import torch
 
@@ -59,7 +60,7 @@ class ImageDataset(torch.utils.data.Dataset):
 def iter_batches(images: Sequence, config: Preprocessing, batch_size: int,
                  num_workers: int, indices: Sequence[int] | None = None, *,
                  augment: str | None = None, seeds: Sequence[int] | None = None,
-                 ) -> Iterator[torch.Tensor]:
+                 failures: dict[int, str] | None = None) -> Iterator[torch.Tensor]:
     """Preprocessed batches of ``images`` (or of the items at ``indices``), in order.
 
     With ``num_workers > 0``, image files are decoded and resized by that many
@@ -70,13 +71,37 @@ def iter_batches(images: Sequence, config: Preprocessing, batch_size: int,
     decoded images are held at once. ``augment`` and ``seeds`` are those of
     :class:`ImageDataset`: with seeds, the batches do not depend on
     ``num_workers``.
+
+    ``failures`` None (the default): the first item that cannot be read
+    raises its ``ValueError`` or ``TypeError``, and decoding stops (threads
+    included) before the error reaches the caller. A dict: such an error is
+    recorded as ``failures[index] = message`` instead, and the item's place
+    in its batch holds an all-zero image, so batches stay aligned with
+    ``indices``; items already in ``failures`` (refused by
+    :func:`skt.images.as_image_list`) are not read at all.
     """
     dataset = ImageDataset(images, config, indices, augment, seeds)
+    refused = frozenset(failures or ())
+    blank = torch.zeros(3, config.crop_size, config.crop_size)
+
+    def prepare(position: int) -> torch.Tensor | None:
+        return None if dataset.indices[position] in refused else dataset[position]
+
+    def settle(position: int, get: Callable[[], torch.Tensor | None]) -> torch.Tensor:
+        try:
+            image = get()
+        except (ValueError, TypeError) as exc:
+            if failures is None:
+                raise
+            failures[dataset.indices[position]] = str(exc)
+            image = None
+        return blank if image is None else image
+
     decode = any(isinstance(images[i], str | os.PathLike) for i in dataset.indices[:1])
     if num_workers == 0 or not decode or len(dataset) <= batch_size:
         for start in range(0, len(dataset), batch_size):
-            yield torch.stack([dataset[k] for k in range(start, min(start + batch_size,
-                                                                     len(dataset)))])
+            yield torch.stack([settle(k, partial(prepare, k))
+                               for k in range(start, min(start + batch_size, len(dataset)))])
         return
     window = 2 * batch_size
     with ThreadPoolExecutor(num_workers, thread_name_prefix="skt-decode") as pool:
@@ -86,12 +111,13 @@ def iter_batches(images: Sequence, config: Preprocessing, batch_size: int,
         try:
             while submitted < len(dataset) or pending:
                 while submitted < len(dataset) and len(pending) < window:
-                    pending.append(pool.submit(dataset.__getitem__, submitted))
+                    pending.append((submitted, pool.submit(prepare, submitted)))
                     submitted += 1
-                batch.append(pending.popleft().result())
+                position, future = pending.popleft()
+                batch.append(settle(position, future.result))
                 if len(batch) == batch_size or (not pending and submitted == len(dataset)):
                     yield torch.stack(batch)
                     batch = []
         finally:  # an error or an abandoned iterator: do not decode the rest
-            for future in pending:
+            for _, future in pending:
                 future.cancel()

@@ -113,6 +113,27 @@ def random_crop_box(height: int, width: int, generator: torch.Generator | None =
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+MAX_ASPECT = 32
+"""Images more than this many times longer than wide (or wider than high) are cut, before
+resizing, to the part the centre crop keeps, plus a margin for the resize's filter:
+resizing all of a 1 x 100,000 strip would take gigabytes. The crop then sees the same
+part of the image, shifted by less than one resized pixel; other images are unaffected."""
+
+
+def _trim_long_side(image: torch.Tensor, config: Preprocessing) -> torch.Tensor:
+    """The centre of an elongated image, with a margin for the resize's filter; others as given."""
+    height, width = image.shape[-2:]
+    short, long = min(height, width), max(height, width)
+    if long <= MAX_ASPECT * short:
+        return image
+    scale = short / config.resize_size  # original pixels per resized pixel
+    keep = min(long, math.ceil(config.crop_size * scale + 4 * math.ceil(scale) + 4))
+    keep += (long - keep) % 2  # the same centre as the whole image's
+    start = (long - keep) // 2
+    return image[..., :, start:start + keep] if width > height else (
+        image[..., start:start + keep, :])
+
+
 def preprocess(image: torch.Tensor, config: Preprocessing, augment: str | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
     """Resize, crop and normalise one ``(3, H, W)`` image.
@@ -141,6 +162,7 @@ def preprocess(image: torch.Tensor, config: Preprocessing, augment: str | None =
                                 [config.crop_size, config.crop_size],
                                 interpolation=interpolation, antialias=True)
     else:
+        image = _trim_long_side(image, config)
         image = TF.resize(image, config.resize_size, interpolation=interpolation, antialias=True)
         image = TF.center_crop(image, config.crop_size)
     if augment in ("flip", "standard") and torch.rand((), generator=generator) < 0.5:
