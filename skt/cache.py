@@ -295,8 +295,9 @@ def default_cache_dir() -> Path | None:
         _try_writing(folder)
     except OSError as exc:
         _stop_writing(folder, f"skt's cache folder {folder} is not writable ({_reason(exc)}); "
-                              "carrying on without it: exported ONNX graphs stay in memory. "
-                              "Set SKT_CACHE_DIR to a writable folder to keep them.")
+                              "carrying on without it: exported ONNX graphs stay in memory, and "
+                              "fine-tuning's temporary files go to the system's temporary "
+                              "folder. Set SKT_CACHE_DIR to a writable folder to keep them.")
         return None
     return folder
 

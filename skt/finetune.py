@@ -6,8 +6,10 @@ import copy
 import hashlib
 import json
 import os
+import tempfile
 import warnings
 from numbers import Integral, Real
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -18,14 +20,14 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import LabelEncoder
 from sklearn.utils import check_random_state
 from sklearn.utils.class_weight import compute_class_weight
-from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from skt._base import BACKBONE_CONSTRAINTS, RUNTIME_CONSTRAINTS, ImageEstimatorMixin
 from skt._sklearn import Interval, StrOptions, _fit_context
-from skt._utils import resolve_num_workers
+from skt._utils import expand_path, resolve_num_workers
 from skt.backbones import PRE_LOGITS, Backbone, resolve_backbone
 from skt.cache import default_cache_dir, fingerprint, fingerprint_module
 from skt.extract import FeatureRuntime, extract_into, resolve_device
@@ -39,6 +41,7 @@ from skt.training import (
     ProgressBar,
     TrainingLoop,
     TrainingState,
+    TrunkStore,
     WeightAverage,
     load_checkpoint,
     read_checkpoint,
@@ -58,6 +61,33 @@ def _describe_param(value):
     if isinstance(value, np.random.RandomState):
         return "RandomState"
     return repr(value)
+
+
+def _check_label_values(labels: np.ndarray) -> None:
+    """Refuse missing labels (None, NaN) and a mix of strings and numbers, naming positions.
+
+    ``labels`` as given: a list like ``["a", 1]`` must not reach NumPy,
+    which would turn its numbers into strings.
+    """
+    if labels.dtype.kind == "f":
+        missing = np.flatnonzero(np.isnan(labels))
+    elif labels.dtype == object:
+        missing = np.flatnonzero([label is None or (isinstance(label, float) and label != label)
+                                  for label in labels])
+    else:
+        return
+    if len(missing):
+        raise ValueError(f"y has {len(missing)} missing labels (None or NaN), at positions "
+                         f"{missing[:5].tolist()}{' ...' if len(missing) > 5 else ''}. Label "
+                         "those images, or leave them out of X and y.")
+    if labels.dtype == object:
+        text = np.array([isinstance(label, str) for label in labels])
+        if text.any() and not text.all():
+            first, other = int(np.argmax(text)), int(np.argmin(text))
+            raise TypeError(
+                f"y mixes strings and numbers (y[{first}] = {labels[first]!r}, y[{other}] = "
+                f"{labels[other]!r}); class labels must be all strings or all numbers. Convert "
+                "them first, e.g. y = [str(label) for label in y].")
 
 
 def _no_classifier(backbone) -> ValueError:
@@ -237,7 +267,10 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         same parameters and data resumes from it and, on the CPU, ends with the
         same weights as an uninterrupted run; a checkpoint of a finished fit
         is simply loaded. One written by another configuration is replaced,
-        with a warning.
+        with a warning. A leading ``~`` is expanded; a folder, or a path
+        that cannot be written, is refused before training starts. The file
+        carries a checksum: a damaged one is refused before anything is
+        loaded from it.
     device : str or torch.device, default="auto"
         ``"auto"`` picks CUDA, then MPS, then the CPU. A fitted classifier
         loaded on a machine without that device predicts on the CPU.
@@ -429,7 +462,19 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         -------
         self : FineTuneClassifier
             The fitted classifier.
+
+        Notes
+        -----
+        Parameters, ``checkpoint`` and ``y`` are checked before any image is
+        decoded. A fit that fails or is interrupted (an unreadable image,
+        ``KeyboardInterrupt``) changes no fitted attribute: the classifier
+        stays as its last successful fit left it, or unfitted. Its decoding
+        threads and any file of the frozen stages' outputs are gone by then.
         """
+        checkpoint = self._check_checkpoint()
+        self._check_regularization()
+        user_callbacks = self._check_callbacks()
+        folder = self._trunk_folder()
         images = as_image_list(X)
         labels, classes = self._check_y(y, len(images))
         device = resolve_device(self.device)
@@ -438,9 +483,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
             raise ValueError(
                 f"warm_start=True continues a fit with classes {self.classes_.tolist()}, but y "
                 f"has classes {classes.tolist()}. Pass the same classes, or warm_start=False.")
-        self._check_regularization()
-        user_callbacks = self._check_callbacks()
-        key, resume = self._find_checkpoint(images, labels, warm)
+        key, resume = self._find_checkpoint(checkpoint, images, labels, warm)
         seeds = resume["seeds"] if resume is not None else [
             int(s) for s in check_random_state(self.random_state).randint(0, 2**31 - 1, size=4)]
         init_seed, loop_seed, split_seed, shuffle_seed = seeds
@@ -455,17 +498,22 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         train_idx, valid_idx = self._split(labels, split_seed)
         generator = torch.Generator().manual_seed(shuffle_seed)
         train, valid = self._batches(images, labels, train_idx, valid_idx,
-                                     backbone.preprocessing, generator)
-        state = self.init_state(model, backbone.classifier, backbone.model, backbone.stages,
-                                device=device, generator=generator, steps_per_epoch=len(train),
-                                class_weight=self._class_weights(classes, labels[train_idx],
-                                                                 device))
-        if self.head_init == "linear_probe" and not warm and resume is None:
-            features = (self._trunk_features(state, train) if state.reuse_trunk
-                        else self._frozen_features(images, train_idx, init_seed))
-            self._probe_head(state.head, features, classes[labels[train_idx]])
-        state.callbacks = self._make_callbacks(user_callbacks, key, seeds)
-        self._train(state, train, valid, loop_seed, resume)
+                                     backbone.preprocessing, generator, folder)
+        try:
+            state = self.init_state(
+                model, backbone.classifier, backbone.model, backbone.stages, device=device,
+                generator=generator, steps_per_epoch=len(train),
+                class_weight=self._class_weights(classes, labels[train_idx], device))
+            if self.head_init == "linear_probe" and not warm and resume is None:
+                features = (self._trunk_features(state, train) if state.reuse_trunk
+                            else self._frozen_features(images, train_idx, init_seed))
+                self._probe_head(state.head, features, classes[labels[train_idx]])
+            state.callbacks = self._make_callbacks(user_callbacks, checkpoint, key, seeds)
+            self._train(state, train, valid, loop_seed, resume)
+        finally:  # also when training fails: no trunk file or kept images outlive the fit
+            for batches in (train, valid):
+                if batches is not None:
+                    batches.close()
         self._set_fitted(model, classes, backbone, init_seed, state, warm)
         return self
 
@@ -482,9 +530,9 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         model.set_submodule(backbone.classifier, head)
         return model
 
-    def _batches(self, images, labels, train_idx, valid_idx, config, generator):
+    def _batches(self, images, labels, train_idx, valid_idx, config, generator, folder):
         workers = resolve_num_workers(self.num_workers)
-        store = {"store": self.frozen_cache or "auto", "folder": default_cache_dir()}
+        store = {"store": self.frozen_cache or "auto", "folder": folder}
         train = ImageBatches(images, labels, train_idx, config, self.batch_size,
                              augment=self.augment, shuffle=True, num_workers=workers,
                              generator=generator, max_epochs=self.max_iter, **store)
@@ -500,7 +548,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
                                 "pass instances of skt.training.Callback subclasses.")
         return callbacks
 
-    def _make_callbacks(self, user: list[Callback], key: str | None,
+    def _make_callbacks(self, user: list[Callback], checkpoint: Path | None, key: str | None,
                         seeds: list[int]) -> list[Callback]:
         """Built-in callbacks first (progress, weight average, early stopping), then the
         user's, the checkpoint last.
@@ -516,7 +564,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
             callbacks.append(EarlyStopping(patience=self.n_iter_no_change))
         callbacks += [copy.deepcopy(callback) for callback in user]
         if key is not None:
-            callbacks.append(Checkpoint(self.checkpoint, key=key, seeds=seeds))
+            callbacks.append(Checkpoint(checkpoint, key=key, seeds=seeds))
         return callbacks
 
     def _train(self, state: TrainingState, train, valid, seed: int, resume: dict | None) -> None:
@@ -536,18 +584,35 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
             model.requires_grad_(True)
 
     def _check_y(self, y, n_images: int) -> tuple[np.ndarray, np.ndarray]:
+        """``y`` encoded as 0..n_classes-1, and the classes; every error names ``y``.
+
+        scikit-learn's own checks decide what is a label vector; their
+        messages are kept, after a sentence saying what ``y`` should be.
+        """
         if y is None:
             raise ValueError("FineTuneClassifier.fit needs y, one class label per image.")
-        y = column_or_1d(y, warn=True)
-        if len(y) != n_images:
-            raise ValueError(f"X has {n_images} images but y has {len(y)} labels; pass one "
+        try:
+            labels = column_or_1d(y, warn=True)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"y must be one class label per image, as a list or a 1-D array "
+                             f"({exc})") from exc
+        if len(labels) != n_images:
+            raise ValueError(f"X has {n_images} images but y has {len(labels)} labels; pass one "
                              "label per image.")
-        check_classification_targets(y)
-        encoder = LabelEncoder().fit(y)
+        _check_label_values(labels if isinstance(y, np.ndarray) else
+                            np.asarray(y, dtype=object).ravel())
+        try:
+            check_classification_targets(labels)
+        except ValueError as exc:
+            raise ValueError(f"y must hold class labels, but scikit-learn reads it as "
+                             f"{type_of_target(labels)!r} values ({exc}) For a regression "
+                             "target, fit a regressor on FeatureExtractor features; for "
+                             "whole numbers stored as floats, pass y.astype(int).") from exc
+        encoder = LabelEncoder().fit(labels)
         if len(encoder.classes_) < 2:
             raise ValueError(f"y has a single class ({encoder.classes_[0].item()!r}); a classifier "
                              "needs images of at least two classes.")
-        return encoder.transform(y), encoder.classes_
+        return encoder.transform(labels), encoder.classes_
 
     def _check_regularization(self) -> None:
         if self.regularization == "lwf" and self.alpha is not None and self.alpha > 1:
@@ -630,16 +695,70 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
             digest.update(fingerprint_module(start).encode())
         return digest.hexdigest()
 
-    def _find_checkpoint(self, images, labels, warm: bool) -> tuple[str | None, dict | None]:
-        """This fit's checkpoint key, and the checkpoint to resume from if there is one."""
+    def _check_checkpoint(self) -> Path | None:
+        """The ``checkpoint`` file, ``~`` expanded; refused now if it could never be written.
+
+        Otherwise a folder, or a path under a file, would fail only when the
+        first epoch ends.
+        """
         if self.checkpoint is None:
+            return None
+        path = expand_path(self.checkpoint)
+        if path.is_dir():
+            raise ValueError(f"checkpoint={str(path)!r} is a folder; pass the path of a file "
+                             f"in it, e.g. checkpoint={str(path / 'fit.ckpt')!r}.")
+        if path.exists() and not path.is_file():
+            raise ValueError(f"checkpoint={str(path)!r} exists and is not a regular file (a "
+                             "device, a pipe or a socket); choose another path.")
+        folder = path.parent
+        while not folder.exists():  # missing folders are created when the file is written
+            folder = folder.parent
+        if not folder.is_dir():
+            raise ValueError(f"checkpoint={str(path)!r} cannot be written: {str(folder)!r} is "
+                             "a file, not a folder. Choose another path.")
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as exc:
+            raise ValueError(f"checkpoint={str(path)!r} cannot be written: the folder "
+                             f"{str(folder)!r} is not writable ({exc.strerror or exc}). Choose "
+                             "a path in a folder you can write to.") from exc
+        return path
+
+    def _trunk_folder(self) -> Path | None:
+        """skt's cache folder, where frozen stages' outputs too large for memory go.
+
+        Checked now with ``frozen_cache="disk"``, which insists on a file.
+        """
+        if self.frozen_cache not in ("auto", "disk"):
+            return None
+        folder = default_cache_dir()
+        if self.frozen_cache != "disk":
+            return folder
+        advice = ("Set SKT_CACHE_DIR to a writable folder, or use frozen_cache='auto' or "
+                  "'memory'.")
+        if folder is None:  # skt.cache has warned, naming the folder
+            raise ValueError("frozen_cache='disk' keeps the output of the frozen stages in a "
+                             "file in skt's cache folder, which cannot be written (see the "
+                             f"warning naming it). {advice}")
+        try:
+            TrunkStore.check_folder(folder)
+        except OSError as exc:
+            raise ValueError(f"frozen_cache='disk' keeps the output of the frozen stages in a "
+                             f"file in skt's cache folder: {exc.strerror} {advice}") from exc
+        return folder
+
+    def _find_checkpoint(self, path: Path | None, images, labels,
+                         warm: bool) -> tuple[str | None, dict | None]:
+        """This fit's checkpoint key, and the checkpoint to resume from if there is one."""
+        if path is None:
             return None, None
         key = self._checkpoint_key(images, labels, self.model_ if warm else None)
-        payload = read_checkpoint(self.checkpoint)
+        payload = read_checkpoint(path)
         if payload is None or payload["key"] == key:
             return key, payload
         warnings.warn(
-            f"checkpoint={os.fspath(self.checkpoint)!r} was written by a fit with other "
+            f"checkpoint={str(path)!r} was written by a fit with other "
             "parameters, images or labels; it will be overwritten by this fit.",
             UserWarning, stacklevel=3)
         return key, None

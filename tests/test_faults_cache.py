@@ -368,8 +368,9 @@ def test_a_read_only_implicit_folder_degrades_to_no_cache(onnx_installed, storag
     (first, second), messages = _recorded(two_fits)
     assert messages == [
         f"skt's cache folder {storage.path} is not writable ({storage.reason}); carrying on "
-        "without it: exported ONNX graphs stay in memory. Set SKT_CACHE_DIR to a writable "
-        "folder to keep them."]
+        "without it: exported ONNX graphs stay in memory, and fine-tuning's temporary files "
+        "go to the system's temporary folder. Set SKT_CACHE_DIR to a writable folder to keep "
+        "them."]
     assert first.engine_ == second.engine_ == "onnx"
     assert list(storage.path.iterdir()) == []
     eager = FeatureExtractor(**{**ONNX_TINY, "engine": "torch"}).fit(images).transform(images)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import joblib
@@ -588,15 +590,88 @@ def test_joblib_round_trip_in_a_fresh_process_and_on_a_cpu_only_machine(data, tm
         assert np.array_equal(np.load(tmp_path / f"{name}.npy"), expected)
 
 
-@pytest.mark.parametrize(("X_y", "message"), [
-    (lambda X, y: (X, np.full(len(y), "a")), r"y has a single class \('a'\)"),
-    (lambda X, y: (X, y[:-1]), "X has 32 images but y has 31 labels"),
-    (lambda X, y: (X, None), "needs y, one class label per image"),
+MIXED = ["a", 1] * 16
+
+
+@pytest.mark.parametrize(("X_y", "error", "message"), [
+    (lambda X, y: (X, np.full(len(y), "a")), ValueError, r"y has a single class \('a'\)"),
+    (lambda X, y: (X, y[:-1]), ValueError, "X has 32 images but y has 31 labels"),
+    (lambda X, y: (X, None), ValueError, "needs y, one class label per image"),
+    (lambda X, y: (X, np.stack([y, y], axis=1)), ValueError, re.escape(
+        "y must be one class label per image, as a list or a 1-D array (y should be a 1d "
+        "array, got an array of shape (32, 2) instead.)")),
+    (lambda X, y: (X, y.reshape(32, 1, 1)), ValueError, re.escape(
+        "y must be one class label per image, as a list or a 1-D array (Found array with "
+        "dim 3")),
+    (lambda X, y: (X, MIXED), TypeError, re.escape(
+        "y mixes strings and numbers (y[0] = 'a', y[1] = 1); class labels must be all strings "
+        "or all numbers. Convert them first, e.g. y = [str(label) for label in y].")),
+    (lambda X, y: (X, np.array(MIXED, dtype=object)), TypeError,
+     re.escape("y mixes strings and numbers (y[0] = 'a', y[1] = 1)")),
+    (lambda X, y: (X, np.where(np.arange(32) % 10 == 3, np.nan, np.arange(32) % 2)), ValueError,
+     re.escape("y has 3 missing labels (None or NaN), at positions [3, 13, 23]. Label those "
+               "images, or leave them out of X and y.")),
+    (lambda X, y: (X, np.where(np.arange(32) == 5, None, y)), ValueError,
+     re.escape("y has 1 missing labels (None or NaN), at positions [5].")),
+    (lambda X, y: (X, np.linspace(0, 1, 32)), ValueError, re.escape(
+        "y must hold class labels, but scikit-learn reads it as 'continuous' values (Unknown "
+        "label type: continuous.")),
+    (lambda X, y: (X, "a"), ValueError, re.escape(
+        "y must be one class label per image, as a list or a 1-D array (y should be a 1d "
+        "array, got an array of shape () instead.)")),
 ])
-def test_bad_labels_raise_clear_errors(data, X_y, message):
+def test_bad_labels_raise_clear_errors(data, X_y, error, message):
     X, y = X_y(*data)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message) as info:
         make_clf().fit(X, y)
+    assert re.search(r"(^|\W)y\W", str(info.value).split(". ")[0])  # the first sentence names y
+
+
+def test_a_column_of_labels_is_accepted_with_scikit_learns_warning(data):
+    X, y = data
+    with pytest.warns(UserWarning, match="A column-vector y was passed"):
+        clf = make_clf(max_iter=1).fit(X, y[:, None])
+    assert clf.classes_.tolist() == ["a", "b"]
+
+
+@pytest.mark.parametrize(("where", "message"), [
+    (lambda tmp: tmp, "is a folder; pass the path of a file in it, e.g. checkpoint={!r}."),
+    (lambda tmp: tmp / "notes.txt" / "run.ckpt",
+     "cannot be written: {!r} is a file, not a folder. Choose another path."),
+    (lambda tmp: tmp / "notes.txt" / "deeper" / "run.ckpt",
+     "cannot be written: {!r} is a file, not a folder. Choose another path."),
+])
+def test_unusable_checkpoint_paths_are_refused_before_any_image_is_read(tmp_path, where,
+                                                                        message):
+    (tmp_path / "notes.txt").write_text("a file")
+    path = where(tmp_path)
+    named = tmp_path / "fit.ckpt" if path == tmp_path else tmp_path / "notes.txt"
+    with pytest.raises(ValueError) as info:  # the images do not exist: never read
+        make_clf(checkpoint=path).fit(["/nonexistent.png", "/nonexistent2.png"], ["a", "b"])
+    assert str(info.value) == f"checkpoint={str(path)!r} " + message.format(str(named))
+
+
+def test_a_checkpoint_in_a_folder_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)  # chmod does not stop root
+    path = tmp_path / "runs" / "run.ckpt"
+    with pytest.raises(ValueError) as info:
+        make_clf(checkpoint=path).fit(["/nonexistent.png", "/nonexistent2.png"], ["a", "b"])
+    assert str(info.value) == (
+        f"checkpoint={str(path)!r} cannot be written: the folder {str(tmp_path)!r} is not "
+        "writable (Permission denied). Choose a path in a folder you can write to.")
+    assert os.listdir(tmp_path) == []  # the missing folder was not created
+
+
+def test_checkpoint_expands_the_home_folder(data, tmp_path, monkeypatch):
+    X, y = data
+    monkeypatch.setenv("HOME", str(tmp_path))
+    make_clf(max_iter=1, checkpoint="~/runs/fit.ckpt").fit(X, y)
+    assert os.listdir(tmp_path / "runs") == ["fit.ckpt"]
+    again = CountEpochs(**make_clf(max_iter=1, checkpoint="~/runs/fit.ckpt").get_params())
+    assert getattr(again.fit(X, y), "epochs_run_", 0) == 0  # the same file, read back
 
 
 def test_bad_parameters_and_backbones_raise_clear_errors(data):

@@ -10,6 +10,7 @@ import io
 import os
 import pickle
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -419,6 +420,62 @@ def test_image_batches_augment_each_epoch_differently(png_files):
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(*again, strict=True))
 
 
+def decode_threads() -> list[str]:
+    return [thread.name for thread in threading.enumerate()
+            if thread.name.startswith("skt-decode")]
+
+
+def test_abandoned_batches_stop_their_decoding_threads(png_files):
+    images, labels = png_files
+    batches = ImageBatches(images, labels, range(9), CONFIG, 2, augment="flip", shuffle=True,
+                           num_workers=2, generator=torch.Generator().manual_seed(0))
+    epoch = iter(batches)
+    next(epoch)
+    assert decode_threads()  # decoding ahead of the consumer
+    epoch.close()
+    assert decode_threads() == []
+
+
+class Failing:
+    """A stand-in trunk that fails on its second batch, as an interrupted forward pass would."""
+
+    n_frozen = 1
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def features(self, images):
+        self.calls += 1
+        if self.calls == 2:
+            raise KeyboardInterrupt
+        return images.clone()
+
+
+def test_a_failing_trunk_stops_the_decoding_threads_even_if_its_error_is_kept(png_files,
+                                                                              tmp_path):
+    images, labels = png_files
+    batches = ImageBatches(images, labels, range(9), CONFIG, 2, shuffle=True, num_workers=2,
+                           generator=torch.Generator().manual_seed(0), store="disk",
+                           folder=tmp_path / "store")
+    batches.use_trunk(Failing(), torch.device("cpu"))
+    with pytest.raises(KeyboardInterrupt) as kept:  # the traceback holds the epoch's frames
+        list(batches)
+    assert kept.traceback and decode_threads() == []
+    assert len(os.listdir(tmp_path / "store")) == 1  # the store's file, until close
+    batches.close()
+    assert os.listdir(tmp_path / "store") == []
+
+
+def test_close_drops_the_kept_images(png_files):
+    images, labels = png_files
+    batches = ImageBatches(images, labels, range(9), CONFIG, 4)
+    first = torch.cat([x for x, _ in batches])
+    assert batches._cached is not None
+    batches.close()
+    assert batches._cached is None
+    assert torch.equal(torch.cat([x for x, _ in batches]), first)  # prepared again
+
+
 # ------------------------------------------------------------- checkpoints
 
 
@@ -498,6 +555,62 @@ def test_read_checkpoint_of_nothing_garbage_and_other_formats(tmp_path):
         with pytest.raises(ValueError) as info:
             read_checkpoint(path)
         assert str(info.value) == wrong
+
+
+def test_checkpoint_file_starts_with_its_format_and_a_checksum_of_the_rest(tmp_path):
+    import hashlib
+
+    path = tmp_path / "run.ckpt"
+    save_checkpoint(path, make_state(), key="abc", seeds=[1, 2, 3, 4])
+    header, _, body = path.read_bytes().partition(b"\n")
+    magic, version, algorithm, digest = header.decode().split()
+    assert (magic, version, algorithm) == ("skt-checkpoint", str(CHECKPOINT_FORMAT), "blake2b")
+    assert digest == hashlib.blake2b(body, digest_size=32).hexdigest()
+    assert torch.load(io.BytesIO(body), weights_only=True)["key"] == "abc"
+
+
+def test_a_damaged_checkpoint_is_refused_before_it_is_unpickled(tmp_path, monkeypatch):
+    path = tmp_path / "run.ckpt"
+    save_checkpoint(path, make_state(), key="abc", seeds=[1, 2, 3, 4])
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, in the middle of the network's weights
+    path.write_bytes(bytes(data))
+    loaded = []
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loaded.append(args))
+    with pytest.raises(ValueError) as info:
+        read_checkpoint(path)
+    assert str(info.value) == (
+        f"checkpoint={str(path)!r} is damaged: its content does not match the checksum "
+        "written with it (a disk or copy error, or an edit). Nothing was loaded from it. "
+        "Delete it to start afresh, or choose another path.")
+    assert loaded == []
+
+
+def test_checkpoints_of_other_formats_and_truncated_ones_are_refused(tmp_path):
+    path = tmp_path / "run.ckpt"
+    save_checkpoint(path, make_state(), key="abc", seeds=[1, 2, 3, 4])
+    data = path.read_bytes()
+    wrong = (f"checkpoint={str(path)!r} is not a FineTuneClassifier checkpoint of this "
+             "version. Delete it or choose another path.")
+    header, _, body = data.partition(b"\n")
+    older = header.replace(f" {CHECKPOINT_FORMAT} ".encode(), b" 2 ")
+    other_digest = f"skt-checkpoint {CHECKPOINT_FORMAT} md5 0\n".encode()
+    for content in (older + b"\n" + body, other_digest + body):
+        path.write_bytes(content)
+        with pytest.raises(ValueError) as info:
+            read_checkpoint(path)
+        assert str(info.value) == wrong
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="is damaged: its content does not match"):
+        read_checkpoint(path)
+
+
+def test_checkpoint_paths_expand_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    save_checkpoint("~/runs/run.ckpt", make_state(), key="abc", seeds=[1, 2, 3, 4])
+    assert (tmp_path / "runs" / "run.ckpt").is_file()
+    assert read_checkpoint("~/runs/run.ckpt")["key"] == "abc"
+    assert read_checkpoint(tmp_path.joinpath("runs", "run.ckpt"))["key"] == "abc"
 
 
 # --------------------------------------------------------------- callbacks

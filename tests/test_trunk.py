@@ -123,6 +123,53 @@ def test_trunk_store_auto_goes_to_disk_beyond_the_memory_budget(monkeypatch, tmp
     store.close()
 
 
+def unwritable_folder(tmp_path):
+    """A folder that cannot be created, even by root: its parent is a file."""
+    (tmp_path / "blocker").write_text("a file")
+    return tmp_path / "blocker" / "cache"
+
+
+def test_trunk_store_auto_keeps_in_memory_what_its_folder_cannot_hold(monkeypatch, tmp_path):
+    monkeypatch.setattr(_trunk, "MEMORY_BYTES", 1)
+    folder = unwritable_folder(tmp_path)
+    store = TrunkStore(4, 2, "auto", max_filled=2, folder=folder)
+    with pytest.warns(RuntimeWarning) as caught:
+        store.put(np.array([1, 3]), np.array([0, 1]), torch.ones(2, 6))
+    assert [str(w.message) for w in caught] == [
+        f"Cannot create the frozen stages' file in {folder} (Not a directory). Keeping the "
+        "frozen stages' outputs in memory instead (0.0 GiB)."]
+    assert not store.on_disk
+    torch.testing.assert_close(store.get(np.array([3]), np.array([1])), torch.ones(1, 6))
+
+
+def test_trunk_store_on_disk_names_the_folder_it_cannot_write(tmp_path):
+    folder = unwritable_folder(tmp_path)
+    with pytest.raises(OSError, match=f"^.*Cannot create the frozen stages' file in {folder} "
+                                      r"\(Not a directory\)\.$"):
+        TrunkStore(4, 1, "disk", folder=folder).put(np.array([0]), np.array([0]),
+                                                     torch.ones(1, 6))
+    with pytest.raises(NotADirectoryError, match=str(folder)):
+        TrunkStore.check_folder(folder)
+    TrunkStore.check_folder(tmp_path / "new")
+    assert os.listdir(tmp_path / "new") == []  # created, and left empty
+
+
+def test_trunk_store_leaves_no_folder_when_its_file_cannot_be_made(monkeypatch, tmp_path):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        TrunkStore(4, 1, "disk", folder=tmp_path).put(np.array([0]), np.array([0]),
+                                                       torch.ones(1, 6))
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(_trunk, "MEMORY_BYTES", 1)
+    with pytest.warns(RuntimeWarning, match="No space left on device"):
+        TrunkStore(4, 1, "auto", folder=tmp_path).put(np.array([0]), np.array([0]),
+                                                       torch.ones(1, 6))
+    assert os.listdir(tmp_path) == []
+
+
 class Identity:
     """A stand-in trunk that returns its input, and counts what it computes."""
 

@@ -95,6 +95,8 @@ def iter_batches(images: Sequence, config: Preprocessing, batch_size: int,
                 raise
             failures[dataset.indices[position]] = str(exc)
             image = None
+        finally:
+            del get  # a future's result: it holds the error, whose traceback holds this frame
         return blank if image is None else image
 
     decode = any(isinstance(images[i], str | os.PathLike) for i in dataset.indices[:1])
@@ -114,7 +116,10 @@ def iter_batches(images: Sequence, config: Preprocessing, batch_size: int,
                     pending.append((submitted, pool.submit(prepare, submitted)))
                     submitted += 1
                 position, future = pending.popleft()
-                batch.append(settle(position, future.result))
+                try:
+                    batch.append(settle(position, future.result))
+                finally:
+                    del future  # as in settle: no cycle through the error's traceback
                 if len(batch) == batch_size or (not pending and submitted == len(dataset)):
                     yield torch.stack(batch)
                     batch = []

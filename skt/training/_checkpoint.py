@@ -1,19 +1,34 @@
-"""Checkpoint files: a training state written atomically, read back to resume."""
+"""Checkpoint files: a training state written atomically, read back to resume.
+
+A file is one line of text, ``skt-checkpoint <format> blake2b <digest>``,
+then the state as :func:`torch.save` writes it. The digest covers those
+bytes, so a file damaged on disk or in a copy is refused before anything in
+it is unpickled or loaded into a network.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from skt._utils import atomic_open
+from skt._utils import atomic_write, expand_path
 from skt.training._state import TrainingState
 
 __all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "read_checkpoint", "save_checkpoint"]
 
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
+
+_MAGIC = b"skt-checkpoint"
+_MAX_HEADER = 256  # bytes of the first line: magic, format, digest name and 64 hex digits
+
+
+def _digest(data: bytes | memoryview) -> str:
+    return hashlib.blake2b(data, digest_size=32).hexdigest()
 
 
 def _rng_state(state: TrainingState) -> dict:
@@ -43,23 +58,64 @@ def save_checkpoint(path: str | os.PathLike, state: TrainingState, **identity: A
         "callbacks": {key: callback.state_dict()
                       for key, callback in _keyed(state.callbacks).items()},
     }
-    with atomic_open(path, durable=True) as handle:
-        torch.save(payload, handle)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    body = buffer.getbuffer()
+    header = f"{_MAGIC.decode()} {CHECKPOINT_FORMAT} blake2b {_digest(body)}\n".encode()
+    atomic_write(expand_path(path), header + body, durable=True)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict | None:
-    """The checkpoint at ``path``, or None when there is none."""
-    if not os.path.isfile(path):
+    """The checkpoint at ``path``, or None when there is none.
+
+    Raises
+    ------
+    ValueError
+        When the file is not a checkpoint of this version, or its content
+        does not match its digest (damaged); nothing is loaded then.
+    """
+    path = expand_path(path)
+    if not path.is_file():
         return None
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"checkpoint={str(path)!r} exists but cannot be read ({exc}). "
+                         "Delete it to start afresh.") from exc
+    if not data.startswith(_MAGIC + b" "):
+        _refuse_other_file(path, data)
+    header, _, body = data.partition(b"\n")
+    fields = header[:_MAX_HEADER].decode("ascii", errors="replace").split()
+    if len(fields) != 4 or fields[1] != str(CHECKPOINT_FORMAT) or fields[2] != "blake2b":
+        raise _not_this_version(path)
+    if _digest(body) != fields[3]:
+        raise ValueError(
+            f"checkpoint={str(path)!r} is damaged: its content does not match the checksum "
+            "written with it (a disk or copy error, or an edit). Nothing was loaded from it. "
+            "Delete it to start afresh, or choose another path.")
+    try:
+        payload = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"checkpoint={os.fspath(path)!r} exists but cannot be read ({exc}). "
+        raise ValueError(f"checkpoint={str(path)!r} exists but cannot be read ({exc}). "
                          "Delete it to start afresh.") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint={os.fspath(path)!r} is not a FineTuneClassifier "
-                         "checkpoint of this version. Delete it or choose another path.")
+        raise _not_this_version(path)
     return payload
+
+
+def _refuse_other_file(path: os.PathLike, data: bytes) -> None:
+    """Raise for a file without the checkpoint line: an older checkpoint, or something else."""
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"checkpoint={str(path)!r} exists but cannot be read ({exc}). "
+                         "Delete it to start afresh.") from exc
+    raise _not_this_version(path)
+
+
+def _not_this_version(path: os.PathLike) -> ValueError:
+    return ValueError(f"checkpoint={str(path)!r} is not a FineTuneClassifier checkpoint of "
+                      "this version. Delete it or choose another path.")
 
 
 def load_checkpoint(state: TrainingState, payload: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 
 import numpy as np
 import torch
@@ -41,6 +42,10 @@ class ImageBatches:
     (:func:`skt.images.dihedral_view`); each epoch draws one per image.
     ``store`` (``"auto"``, ``"memory"`` or ``"disk"``), ``max_epochs`` and
     ``folder`` configure the store.
+
+    Decoding threads never outlive the batch iterator that started them, nor
+    an error raised while they run (even one a caller keeps, with its
+    traceback); :meth:`close` frees what the batches keep between epochs.
     """
 
     def __init__(self, images: Sequence, y: np.ndarray, indices: Sequence[int],
@@ -68,12 +73,16 @@ class ImageBatches:
     def use_trunk(self, trunk: Trunk | None, device: torch.device) -> None:
         """Yield ``trunk``'s outputs from now on (images again for None)."""
         if trunk is not self.trunk:
-            self.close()
+            self._close_store()
             self.trunk = trunk
         self.device = device
 
     def close(self) -> None:
-        """Drop the stored trunk outputs (and their file)."""
+        """Drop what is kept between epochs: preprocessed images, trunk outputs and their file."""
+        self._cached = None
+        self._close_store()
+
+    def _close_store(self) -> None:
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -112,11 +121,12 @@ class ImageBatches:
         seeds = None
         if self.augment is not None:
             seeds = torch.randint(0, 2**62, (len(order),), generator=self.generator).tolist()
-        batches = iter_batches(self.images, self.config, self.batch_size, self.num_workers,
-                               [self.indices[i] for i in order.tolist()],
-                               augment=self.augment, seeds=seeds)
-        for start, images in zip(range(0, len(order), self.batch_size), batches, strict=True):
-            yield images, self.labels[order[start:start + self.batch_size]]
+        with closing(iter_batches(self.images, self.config, self.batch_size, self.num_workers,
+                                  [self.indices[i] for i in order.tolist()],
+                                  augment=self.augment, seeds=seeds)) as batches:
+            for start, images in zip(range(0, len(order), self.batch_size), batches,
+                                     strict=True):
+                yield images, self.labels[order[start:start + self.batch_size]]
 
     def unaugmented(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every item's trunk output for the image as given (view 0), in order, in batches.
@@ -139,15 +149,19 @@ class ImageBatches:
                               [self.indices[i] for i in items[missing]])
         ready: deque[torch.Tensor] = deque()
         fmt = memory_format(self.device)
-        for start in range(0, len(order), self.batch_size):
-            rows, views = items[start:start + self.batch_size], draws[start:start + self.batch_size]
-            need = np.flatnonzero(missing[start:start + self.batch_size])
-            if len(need):
-                while len(ready) < len(need):
-                    ready.extend(next(images).unbind(0))
-                batch = torch.stack([dihedral_view(ready.popleft(), view_of(int(views[i]),
-                                                                            self.augment))
-                                     for i in need])
-                batch = batch.to(self.device).contiguous(memory_format=fmt)
-                store.put(rows[need], views[need], self.trunk.features(batch))
-            yield store.get(rows, views), self.labels[order[start:start + self.batch_size]]
+        # Closed on the way out, also when the trunk or the store fails: the
+        # threads decoding ahead stop then, not when the frames are collected.
+        with closing(images):
+            for start in range(0, len(order), self.batch_size):
+                rows = items[start:start + self.batch_size]
+                views = draws[start:start + self.batch_size]
+                need = np.flatnonzero(missing[start:start + self.batch_size])
+                if len(need):
+                    while len(ready) < len(need):
+                        ready.extend(next(images).unbind(0))
+                    batch = torch.stack([dihedral_view(ready.popleft(),
+                                                       view_of(int(views[i]), self.augment))
+                                         for i in need])
+                    batch = batch.to(self.device).contiguous(memory_format=fmt)
+                    store.put(rows[need], views[need], self.trunk.features(batch))
+                yield store.get(rows, views), self.labels[order[start:start + self.batch_size]]

@@ -165,14 +165,32 @@ def split_network(model: nn.Module, stages: tuple[tuple[str, ...], ...],
                  frozenset(name for name, module in model.named_modules() if id(module) in called))
 
 
+def _temporary_folder(folder: str | os.PathLike | None) -> tempfile.TemporaryDirectory:
+    """A new temporary folder in ``folder`` (created if needed) for a store's file."""
+    try:
+        if folder is not None:
+            os.makedirs(folder, exist_ok=True)
+        return tempfile.TemporaryDirectory(prefix="skt-trunk-", dir=folder)
+    except OSError as exc:
+        raise _cannot_create(folder, exc) from exc
+
+
+def _cannot_create(folder: str | os.PathLike | None, exc: OSError) -> OSError:
+    where = tempfile.gettempdir() if folder is None else os.fspath(folder)
+    return OSError(exc.errno, f"Cannot create the frozen stages' file in {where} "
+                              f"({exc.strerror or exc}).")
+
+
 class TrunkStore:
     """Trunk outputs of ``n`` items under up to ``n_views`` views each, filled as they come.
 
     Four-dimensional outputs ``(C, H, W)`` are stored as ``(H, W, C)`` so
     that a gathered batch is already channels-last. The storage is one
     tensor per view in memory, each allocated when its view is first put,
-    or one file in ``folder`` (removed by :meth:`close`); pages never
-    written take no room.
+    or one file in ``folder`` (removed by :meth:`close`, also when an
+    error ends the fit); pages never written take no room. With ``"auto"``,
+    a folder where no file can be created means memory instead, after a
+    warning naming it; with ``"disk"``, an ``OSError`` naming it.
 
     Parameters
     ----------
@@ -218,13 +236,32 @@ class TrunkStore:
         if not disk:
             self._data = [None] * self.n_views
             return
-        full = (self.n, self.n_views, *shape)
-        folder = None if self.folder is None else os.fspath(self.folder)
-        if folder is not None:
-            os.makedirs(folder, exist_ok=True)
-        self._tmp = tempfile.TemporaryDirectory(prefix="skt-trunk-", dir=folder)
-        self._file = np.lib.format.open_memmap(os.path.join(self._tmp.name, "trunk.npy"),
-                                               mode="w+", dtype=np.float32, shape=full)
+        try:
+            self._open_file((self.n, self.n_views, *shape))
+        except OSError as exc:
+            if self.location == "disk":
+                raise
+            warnings.warn(f"{exc.strerror} Keeping the frozen stages' outputs in memory "
+                          f"instead ({self.n * self.max_filled * per_item / 2**30:.1f} GiB).",
+                          RuntimeWarning, stacklevel=2)
+            self._data = [None] * self.n_views
+
+    def _open_file(self, shape: tuple[int, ...]) -> None:
+        self._tmp = _temporary_folder(self.folder)
+        try:
+            self._file = np.lib.format.open_memmap(os.path.join(self._tmp.name, "trunk.npy"),
+                                                   mode="w+", dtype=np.float32, shape=shape)
+        except OSError as exc:  # a full disk, say: leave no empty folder behind
+            self.close()
+            raise _cannot_create(self.folder, exc) from exc
+
+    @staticmethod
+    def check_folder(folder: str | os.PathLike | None) -> None:
+        """Raise ``OSError`` naming ``folder`` when a store cannot create its file there.
+
+        Creates ``folder`` if needed, as a store would.
+        """
+        _temporary_folder(folder).cleanup()
 
     def put(self, items: np.ndarray, views: np.ndarray, features: torch.Tensor) -> None:
         """Store ``features[i]``, the output for item ``items[i]`` under view ``views[i]``."""
