@@ -3,7 +3,10 @@
 Exit statuses:
 
 0
-    Success, ``--help`` and ``--version`` included.
+    Success, ``--help`` and ``--version`` included; also ``skt extract
+    --on-error skip`` that skipped unreadable images, which were asked to be
+    skipped: their rows are NaN, they are listed (see below), and one line on
+    stderr gives their number.
 1
     The command failed: one line on stderr, ``skt: error: <what and what to
     do>``, and no traceback.
@@ -21,9 +24,49 @@ Exit statuses:
     Not 0, because a closed pipe can stop a command before its work is done:
     in ``skt extract ... -o f.npy 2>&1 | head -1`` the first progress line
     nobody reads ends the extraction, and 0 would vouch for an ``f.npy``
-    still mostly zeros. Not 1, which promises a message. A shell takes a
+    that is not there yet. Not 1, which promises a message. A shell takes a
     pipeline's status from its last command, so ``skt backbones | head -1``
     succeeds unless ``set -o pipefail`` asks otherwise, as for those tools.
+
+What ``skt extract ... -o f.npy`` writes:
+
+``f.npy``
+    float32 features, one row per image.
+``f.paths.jsonl``
+    The image file of each row, in row order: one JSON string per line. The
+    file is ASCII (JSON escapes), so every name a filesystem allows comes
+    back: newlines and tabs escaped, non-ASCII as ``\\uXXXX``, and bytes that
+    are not UTF-8 as Python's surrogate escapes (``b"\\xff"`` is
+    ``"\\udcff"``), which ``open`` accepts and ``os.fsencode`` turns back
+    into the original bytes. :func:`read_jsonl` reads it; so does
+    ``[json.loads(line) for line in open("f.paths.jsonl")]``.
+``f.labels.jsonl``
+    For a class-subfolder directory only: the class of each row, in the
+    same format.
+``f.skipped.jsonl``
+    With ``--on-error skip`` only (empty when nothing was skipped): one JSON
+    object ``{"index": row, "path": ..., "message": ...}`` per image that
+    could not be read; its row of ``f.npy`` is NaN.
+
+``-o f.npz`` writes one archive instead (``numpy.load``): ``features``,
+``paths`` and, when there are, ``labels`` (arrays of str, holding any name
+as above), and with ``--on-error skip`` ``skipped``, a structured array with
+fields ``index``, ``path`` and ``message``. Archives of the same job are
+byte-identical.
+
+The outputs of an earlier run stay, untouched, until the new ones are
+complete; then they are removed, the new paths, labels and skipped lists
+are put in place, and the features file appears last: an ``f.npy``
+(``f.npz``) never sits beside files of another run, and while it is absent
+the run is not complete. A run in progress keeps its work in hidden files
+beside the output, ``.f.npy.partial`` (the rows so far) and
+``.f.npy.progress`` (which job, and how many rows are complete); a run
+killed, interrupted or failed leaves them, and the same command on the same
+files continues from the last complete batch, with the result an
+uninterrupted run would give, byte for byte. A different job starts over
+and replaces them: other files, a file changed among those done, other
+settings (``--cache`` and ``--num-workers`` aside), or ``--weights none``
+without ``--random-state``, which draws new weights on every run.
 
 ``--help``, ``--version`` and ``cache`` import neither torch nor scikit-learn,
 nor numpy for the first two: each command imports what it needs when it runs,
@@ -34,17 +77,38 @@ imports).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
+import hashlib
+import json
+import math
 import os
+import re
+import shlex
+import shutil
 import sys
-import tempfile
+import time
+import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from skt._version import __version__
 
-__all__ = ["main"]
+__all__ = ["kill_and_resume", "main", "read_jsonl"]
+
+CHUNK_SECONDS = 2.0
+"""About how long ``skt extract`` works between two records of its progress:
+at most what a killed run loses."""
+
+# Extractor parameters that change how the work runs, not its result: a run
+# resumed with other values continues the same job.
+_NOT_IN_JOB = ("cache", "num_workers", "verbose")
+_OPTIONS = {name: "--" + name.replace("_", "-") for name in (
+    "backbone", "weights", "layers", "pooling", "image_size", "batch_size", "device",
+    "num_workers", "cache", "engine", "random_state", "on_error")}
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # archive members carry no run-dependent time
 
 
 class CommandError(Exception):
@@ -101,6 +165,77 @@ def collect_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str] | None]:
     return paths, (labels if all_labelled and labels else None)
 
 
+# ------------------------------------------------------- errors as options --
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line; named by its type unless it is a usual one."""
+    message = " ".join(str(exc).split())
+    if isinstance(exc, CommandError | ValueError | TypeError | OSError | ImportError):
+        return message or type(exc).__name__
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _option_value(match: re.Match) -> str:
+    value = match["value"]
+    value = "none" if value == "None" else shlex.quote(value[1:-1])
+    return f"{_OPTIONS[match['name']]} {value}"
+
+
+def _in_option_terms(message: str, backbone: str | None = None) -> str:
+    """A library message reworded for the command line: options instead of parameters.
+
+    ``device='cuda'`` becomes ``--device cuda``, "The 'image_size' parameter of
+    FeatureExtractor must be" becomes "--image-size must be", and the Python
+    calls that list names become the commands that do.
+    """
+    names = "|".join(_OPTIONS)
+    message = re.sub(rf"\b(?P<name>{names})=(?P<value>'[^']*'|\"[^\"]*\"|None\b)",
+                     _option_value, message)
+    message = re.sub(rf"The '(?P<name>{names})' parameter of \w+ must be (?P<what>.+?)"
+                     r"(?: or None)?\. Got (?P<got>.+?) instead\.",
+                     lambda m: f"{_OPTIONS[m['name']]} must be {m['what']}; got {m['got']}.",
+                     message)
+    message = message.replace("skt.list_layers(backbone)", f"'skt layers {backbone}'")
+    return message.replace("skt.list_backbones() lists the valid names; an nn.Module instance "
+                           "is accepted too.", "'skt backbones' lists the valid names.")
+
+
+def _renumbered(message: str, offset: int) -> str:
+    """A message about item ``i`` of a chunk, about row ``offset + i`` of the whole run."""
+    return re.sub(r"\bImage (\d+)\b", lambda m: f"Image {int(m[1]) + offset}", message,
+                  count=1)
+
+
+@contextlib.contextmanager
+def _speaking_options(backbone: str | None = None, offset: int = 0) -> Iterator[None]:
+    """Turn what the library raises into a one-line CommandError in the command's terms.
+
+    ``offset``: the row of the first item the library was given.
+    """
+    try:
+        yield
+    except (BrokenPipeError, CommandError):
+        raise
+    except Exception as exc:
+        message = _in_option_terms(_one_line(exc), backbone)
+        raise CommandError(_renumbered(message, offset)) from exc
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+# ------------------------------------------------------------------ extract --
+
 def _extractor(args: argparse.Namespace):
     from skt import FeatureExtractor
 
@@ -109,53 +244,387 @@ def _extractor(args: argparse.Namespace):
     return FeatureExtractor(
         backbone=args.backbone, weights=weights, layers=layers, pooling=args.pooling,
         image_size=args.image_size, batch_size=args.batch_size, device=args.device,
-        num_workers=args.num_workers, cache=args.cache, engine=args.engine, verbose=1,
+        num_workers=args.num_workers, cache=args.cache, engine=args.engine,
+        random_state=args.random_state, on_error=args.on_error, verbose=0,
     )
 
 
-def cmd_extract(args: argparse.Namespace) -> None:
+def _hidden(path: Path, role: str) -> Path:
+    return path.with_name(f".{path.name}.{role}")
+
+
+def _stat_digest(paths: Sequence[str], digest=None):
+    """Extend a digest with the size and modification time of each file."""
+    digest = digest or hashlib.blake2b(digest_size=16)
+    for path in paths:
+        try:
+            stat = os.stat(path)
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns};".encode())
+        except OSError:
+            digest.update(b"-;")
+    return digest
+
+
+def _job_key(output: Path, paths: Sequence[str], labels, extractor) -> str:
+    """What makes two runs one job: same inputs, settings, weights and kind of output.
+
+    The weights' hash tells two random initialisations without a seed apart
+    (the fit computed it already).
+    """
+    params = {name: repr(value) for name, value in sorted(extractor.get_params().items())
+              if name not in _NOT_IN_JOB}
+    digest = hashlib.blake2b(json.dumps(
+        [__version__, output.suffix, params, extractor.engine_, extractor.n_features_out_,
+         extractor._fingerprint, labels]).encode(), digest_size=16)
+    for path in paths:
+        digest.update(os.fsencode(path) + b"\0")
+    return digest.hexdigest()
+
+
+class _Staging:
+    """The hidden files of an unfinished ``skt extract`` beside its output.
+
+    ``.<output>.partial`` holds the features so far (a ``.npy`` memmap of the
+    final shape); ``.<output>.progress`` is JSON: the job's key, how many rows
+    are complete, a digest of the size and modification time of their files,
+    and the images skipped among them. The progress is rewritten (atomically)
+    only after the rows it counts are flushed to disk.
+    """
+
+    def __init__(self, output: Path, job: str, paths: Sequence[str], n_features: int) -> None:
+        self.output = output
+        self.job = job
+        self.paths = paths
+        self.shape = (len(paths), n_features)
+        self.features_path = _hidden(output, "partial")
+        self.progress_path = _hidden(output, "progress")
+        self.rows = 0
+        self.skipped: list[tuple[int, str]] = []
+        self._done = hashlib.blake2b(digest_size=16)
+
+    def open(self):
+        """The staged features: an unfinished run's of the same job, else new ones."""
+        import numpy as np
+
+        state = _read_progress(self.progress_path)
+        if state is not None and state.get("job") == self.job and state["rows"] <= len(self.paths):
+            rows = state["rows"]
+            done = _stat_digest(self.paths[:rows])
+            features = _open_staged(self.features_path, self.shape)
+            if features is not None and done.hexdigest() == state["done"]:
+                self.rows, self._done = rows, done
+                self.skipped = [(int(index), str(message)) for index, message in state["skipped"]]
+                return features
+        self.progress_path.unlink(missing_ok=True)
+        return np.lib.format.open_memmap(self.features_path, mode="w+", dtype=np.float32,
+                                         shape=self.shape)
+
+    def record(self, rows: int, skipped: Sequence[tuple[int, str]]) -> None:
+        """Count ``rows`` as complete; their features must be on disk already."""
+        _stat_digest(self.paths[self.rows:rows], self._done)
+        self.rows = rows
+        self.skipped += skipped
+        state = {"job": self.job, "rows": rows, "done": self._done.hexdigest(),
+                 "skipped": self.skipped}
+        _write_synced(self._progress_draft, json.dumps(state).encode())
+        os.replace(self._progress_draft, self.progress_path)
+
+    @property
+    def _progress_draft(self) -> Path:
+        # one fixed name, so that a draft left by a killed run is overwritten, not piled up
+        return self.progress_path.with_name(f"{self.progress_path.name}.partial")
+
+    def discard(self) -> None:
+        for path in (self.features_path, self.progress_path, self._progress_draft):
+            path.unlink(missing_ok=True)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _read_progress(path: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    complete = isinstance(state, dict) and {"job", "rows", "done", "skipped"} <= state.keys()
+    return state if complete and isinstance(state["rows"], int) else None
+
+
+def _recorded_rows(progress: Path) -> int:
+    return (_read_progress(progress) or {"rows": 0})["rows"]
+
+
+def _open_staged(path: Path, shape: tuple[int, int]):
     import numpy as np
 
+    try:
+        features = np.lib.format.open_memmap(path, mode="r+")
+    except (OSError, ValueError):
+        return None
+    return features if features.shape == shape and features.dtype == np.float32 else None
+
+
+def _jsonl(values: Sequence[Any]) -> bytes:
+    """One JSON value per line, ASCII only: any file name survives, lone surrogates too."""
+    return "".join(json.dumps(value) + "\n" for value in values).encode("ascii")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    """The values of a ``.jsonl`` file written by ``skt extract``, in row order.
+
+    ``f.paths.jsonl`` and ``f.labels.jsonl`` give str, ``f.skipped.jsonl``
+    dicts. A file name that is not valid UTF-8 comes back as Python's
+    surrogate-escaped str: ``open`` and ``os`` functions accept it, and
+    ``os.fsencode`` gives its original bytes.
+
+    Examples
+    --------
+    >>> import json, os, tempfile
+    >>> from skt.cli import read_jsonl
+    >>> name = os.fsdecode(b"line\\nbreak \\xff.png")
+    >>> path = os.path.join(tempfile.mkdtemp(), "f.paths.jsonl")
+    >>> with open(path, "w") as handle:
+    ...     _ = handle.write(json.dumps(name) + "\\n")
+    >>> os.fsencode(read_jsonl(path)[0])
+    b'line\\nbreak \\xff.png'
+    """
+    with open(path, encoding="ascii") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def _progress_bar(total: int, initial: int, label: str):
+    from tqdm.auto import tqdm
+
+    # off a terminal (a log file), the bar is drawn when it starts and ends only
+    terminal = getattr(sys.stderr, "isatty", lambda: False)()
+    return tqdm(total=total, initial=initial, unit="img", desc=f"skt {label}",
+                mininterval=0.1 if terminal else math.inf)
+
+
+def _extract_rows(extractor, staging: _Staging, features, skip: bool, backbone: str) -> None:
+    """Fill the staged rows chunk by chunk, recording each chunk once it is on disk.
+
+    Chunks are whole batches, so every batch holds the images it would in an
+    uninterrupted run (torch results can depend on a batch's company), and
+    grow until one takes about ``CHUNK_SECONDS``.
+    """
+    paths, total, batch = staging.paths, staging.shape[0], extractor.batch_size
+    batches, shown = 1, set()
+    with _progress_bar(total, staging.rows, backbone) as bar:
+        while staging.rows < total:
+            start, began = staging.rows, time.monotonic()
+            stop = min(total, start + batches * batch)
+            with (warnings.catch_warnings(record=True) as caught,
+                  _speaking_options(backbone, offset=start)):
+                warnings.simplefilter("always")
+                extractor.transform_into(paths[start:stop], features[start:stop])
+            skipped = ([(start + i, _renumbered(message, start))
+                        for i, message in extractor.skipped_] if skip else [])
+            _show_warnings(caught, shown, bar, drop_skip_count=bool(skipped))
+            features.flush()
+            staging.record(stop, skipped)
+            bar.update(stop - start)
+            elapsed = max(time.monotonic() - began, 1e-3)
+            batches = max(1, min(2 * batches, int(batches * CHUNK_SECONDS / elapsed)))
+
+
+def _show_warnings(caught, shown: set[str], bar, *, drop_skip_count: bool) -> None:
+    """Each distinct warning once, as one line; the extractor's count of skipped
+    images is left to the summary at the end."""
+    for warning in caught:
+        message = " ".join(str(warning.message).split())
+        if drop_skip_count and warning.category is UserWarning and message.startswith("Skipped "):
+            continue
+        if message not in shown:
+            shown.add(message)
+            bar.write(f"skt: warning: {message}", file=sys.stderr)
+
+
+def _npz_member(name: str) -> zipfile.ZipInfo:
+    member = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+    member.external_attr = 0o644 << 16
+    return member
+
+
+def _write_npz(archive: Path, staged: Path, arrays: dict[str, Any]) -> None:
+    """What ``numpy.savez`` writes, reproducibly, with the features copied from disk."""
+    import numpy as np
+
+    with open(archive, "wb") as handle:
+        with zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED, allowZip64=True) as zipped:
+            with (open(staged, "rb") as source,
+                  zipped.open(_npz_member("features.npy"), "w", force_zip64=True) as member):
+                shutil.copyfileobj(source, member, 1 << 20)
+            for name, values in arrays.items():
+                with zipped.open(_npz_member(f"{name}.npy"), "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, values, allow_pickle=False)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _skipped_array(skipped: Sequence[tuple[int, str]], paths: Sequence[str]):
+    import numpy as np
+
+    rows = [(index, paths[index], message) for index, message in skipped]
+    longest = [max((len(row[field]) for row in rows), default=1) for field in (1, 2)]
+    return np.array(rows, dtype=[("index", np.int64), ("path", f"<U{longest[0]}"),
+                                 ("message", f"<U{longest[1]}")])
+
+
+def _put_in_place(output: Path, staged: Path, siblings: dict[Path, bytes | None]) -> None:
+    """Replace ``output`` and its sibling files by the new ones, features last.
+
+    Siblings with None are only removed (left by an earlier run). The old
+    output goes first, so old features never sit beside new siblings, and new
+    features appear only once their siblings are in place.
+    """
+    written = {}
+    for path, data in siblings.items():
+        if data is not None:
+            written[path] = _hidden(path, "partial")
+            _write_synced(written[path], data)
+    if siblings:
+        output.unlink(missing_ok=True)
+    for path in siblings:
+        path.unlink(missing_ok=True)
+    for path, temporary in written.items():
+        os.replace(temporary, path)
+    os.replace(staged, output)
+
+
+def _finish(staging: _Staging, labels, skip: bool) -> None:
+    import numpy as np
+
+    output, paths = staging.output, staging.paths
+    if output.suffix == ".npy":
+        records = [{"index": index, "path": paths[index], "message": message}
+                   for index, message in staging.skipped]
+        _put_in_place(output, staging.features_path, {
+            output.with_suffix(".paths.jsonl"): _jsonl(paths),
+            output.with_suffix(".labels.jsonl"): None if labels is None else _jsonl(labels),
+            output.with_suffix(".skipped.jsonl"): _jsonl(records) if skip else None,
+            # the names of earlier versions, which could not hold every file name
+            output.with_suffix(".paths.txt"): None,
+            output.with_suffix(".labels.txt"): None,
+        })
+    else:
+        arrays = {"paths": np.asarray(paths, dtype=str)}
+        if labels is not None:
+            arrays["labels"] = np.asarray(labels, dtype=str)
+        if skip:
+            arrays["skipped"] = _skipped_array(staging.skipped, paths)
+        archive = _hidden(output, "archive")
+        _write_npz(archive, staging.features_path, arrays)
+        _put_in_place(output, archive, {})
+    staging.discard()
+
+
+def _report_skipped(staging: _Staging) -> None:
+    output, count = staging.output, len(staging.skipped)
+    where = (output.with_suffix(".skipped.jsonl") if output.suffix == ".npy"
+             else f"the 'skipped' array of {output}")
+    print(f"skt: skipped {count} of {staging.shape[0]} images that could not be read; their "
+          f"rows are NaN and {where} lists them", file=sys.stderr)
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
     output = Path(args.output)
     if output.suffix not in (".npy", ".npz"):
         raise CommandError(f"-o {args.output!r}: the output must end in .npy or .npz.")
     paths, labels = collect_inputs(args.inputs)
-    extractor = _extractor(args).fit(paths)
+    with _speaking_options(args.backbone):
+        extractor = _extractor(args).fit(paths)
     output.parent.mkdir(parents=True, exist_ok=True)
-    shape = (len(paths), extractor.n_features_out_)
-    if output.suffix == ".npy":
-        features = np.lib.format.open_memmap(output, mode="w+", dtype=np.float32, shape=shape)
-        extractor.transform_into(paths, features)
-        features.flush()
-        del features
-        output.with_suffix(".paths.txt").write_text("\n".join(paths) + "\n")
-        if labels is not None:
-            output.with_suffix(".labels.txt").write_text("\n".join(labels) + "\n")
-    else:
-        _write_npz(output, extractor, paths, labels, shape)
-    print(f"wrote {shape[0]} x {shape[1]} features ({extractor.engine_} engine) to {output}",
-          file=sys.stderr)
+    staging = _Staging(output, _job_key(output, paths, labels, extractor), paths,
+                       extractor.n_features_out_)
+    features = staging.open()
+    if staging.rows:
+        print(f"skt: resuming {output} from image {staging.rows} of {len(paths)}",
+              file=sys.stderr)
+    skip = args.on_error == "skip"
+    try:
+        _extract_rows(extractor, staging, features, skip, args.backbone)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{staging.rows} of {len(paths)} images are done; the same "
+                                "command resumes") from None
+    del features  # the memmap is flushed: close it before it is renamed
+    _finish(staging, labels, skip)
+    if skip and staging.skipped:
+        _report_skipped(staging)
+    print(f"wrote {len(paths)} x {extractor.n_features_out_} features ({extractor.engine_} "
+          f"engine) to {output}", file=sys.stderr)
 
 
-def _write_npz(output: Path, extractor, paths, labels, shape) -> None:
-    """Features go through an on-disk .npy first, so memory stays flat."""
-    import numpy as np
+def kill_and_resume(argv: Sequence[str], *, after_rows: int = 1, delay: float = 0.0,
+                    env: dict[str, str] | None = None, timeout: float = 300.0,
+                    inspect: Callable[[int], Any] | None = None) -> tuple[int, int, str]:
+    """Kill ``skt extract`` with SIGKILL mid-run, then run the same command again.
 
-    with tempfile.TemporaryDirectory(dir=output.parent) as scratch:
-        staged = Path(scratch) / "features.npy"
-        features = np.lib.format.open_memmap(staged, mode="w+", dtype=np.float32, shape=shape)
-        extractor.transform_into(paths, features)
-        features.flush()
-        del features
-        partial = output.with_name(f".{output.name}.partial")
-        with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            archive.write(staged, "features.npy")
-            for name, values in (("paths", paths), ("labels", labels)):
-                if values is not None:
-                    with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
-                        np.lib.format.write_array(member, np.asarray(values))
-        os.replace(partial, output)
+    ``argv`` is a ``skt extract ...`` command line (without ``skt``). It runs
+    as ``python -m skt`` in a child process (with ``env``), which is killed
+    ``delay`` seconds after its progress file counts ``after_rows`` complete
+    rows; ``inspect(rows)``, if given, looks at what the kill left; then the
+    same command runs in this process, through :func:`main`. POSIX only.
+    ``tests/test_faults.py`` compares the result with an uninterrupted run's.
 
+    Returns
+    -------
+    rows : int
+        Rows the progress file counted when the child died.
+    status : int
+        Exit status of the second run.
+    stderr : str
+        What the second run printed on stderr.
+
+    Raises
+    ------
+    RuntimeError
+        The child ended before it could be killed (too little work, or an
+        error: its stderr is quoted).
+    TimeoutError
+        The child counted fewer than ``after_rows`` rows in ``timeout`` seconds.
+    """
+    import io
+    import signal
+    import subprocess
+    import tempfile
+
+    progress = _hidden(Path(build_parser().parse_args(list(argv)).output), "progress")
+    if progress.exists():
+        raise ValueError(f"{progress} exists: an unfinished run of this output is pending.")
+    deadline = time.monotonic() + timeout
+    with tempfile.TemporaryFile() as log:
+        child = subprocess.Popen([sys.executable, "-m", "skt", *argv], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            while _recorded_rows(progress) < after_rows and child.poll() is None:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"skt {shlex.join(argv)} recorded no {after_rows} rows "
+                                       f"in {timeout} s")
+                time.sleep(0.002)
+            time.sleep(delay)
+        finally:
+            child.kill()
+            child.wait()
+        if child.returncode != -signal.SIGKILL:
+            log.seek(0)
+            raise RuntimeError(f"skt {shlex.join(argv)} ended with status {child.returncode} "
+                               f"before it could be killed: {log.read().decode(errors='replace')}")
+    rows = _recorded_rows(progress)
+    if inspect is not None:
+        inspect(rows)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        status = main(argv)
+    return rows, status, stderr.getvalue()
+
+
+# ---------------------------------------------------------- other commands --
 
 def cmd_backbones(args: argparse.Namespace) -> None:
     from skt.backbones import list_backbones, weights_available_offline
@@ -168,21 +637,32 @@ def cmd_backbones(args: argparse.Namespace) -> None:
 def cmd_layers(args: argparse.Namespace) -> None:
     from skt.backbones import list_layers
 
-    print("\n".join(list_layers(args.backbone)))
+    with _speaking_options(args.backbone):
+        names = list_layers(args.backbone)
+    print("\n".join(names))
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
     from skt.cache import cache_info, clear_cache
 
+    location = Path(args.path).expanduser()
+    if not location.exists():
+        raise CommandError(f"{args.path!r} does not exist.")
+    if not location.is_dir():
+        raise CommandError(f"{args.path!r} is not a directory.")
     if args.action == "clear":
-        freed = clear_cache(args.path, max_bytes=args.max_bytes)
+        freed = clear_cache(location, max_bytes=args.max_bytes)
         print(f"freed {_human(freed)} in {args.path}")
         return
-    info = cache_info(args.path)
+    info = cache_info(location)
     graphs = f", {info['graphs']} exported graphs" if info["graphs"] else ""
     print(f"{info['path']}: {info['entries']} entries{graphs}, {_human(info['bytes'])}")
     for config in info["configs"]:
         description = config["description"]
+        if "error" in description:
+            print(f"  {config['key']}  {description['error']}  {config['entries']} entries  "
+                  f"{_human(config['bytes'])}")
+            continue
         preprocessing = description.get("preprocessing", {})
         print(f"  {config['key']}  {description.get('backbone')}  "
               f"{description.get('weights')}  {preprocessing.get('crop_size')} px  "
@@ -203,24 +683,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     extract = commands.add_parser(
         "extract", help="features of image files to .npy/.npz",
-        description="Extract features of image files. A directory in class-subfolder layout "
-                    "also writes labels; .npz keeps features, paths and labels together.")
+        description="Extract features of image files. -o f.npy also writes f.paths.jsonl, "
+                    "the file of each row as one JSON string per line (ASCII, so any file "
+                    "name survives; read it with skt.cli.read_jsonl(path) or "
+                    "[json.loads(line) for line in open(path)]) and, for a directory in "
+                    "class-subfolder layout, f.labels.jsonl likewise; -o f.npz holds "
+                    "features, paths and labels arrays. The features file appears last, "
+                    "once the run is complete; a run killed or interrupted resumes from its "
+                    "last complete batch when the same command runs again.")
     extract.add_argument("inputs", nargs="+", metavar="INPUT",
                          help="image files, globs or directories")
     extract.add_argument("-o", "--output", required=True, help="features.npy or features.npz")
-    extract.add_argument("--backbone", default="efficientnet_lite0")
+    extract.add_argument("--backbone", default="efficientnet_lite0",
+                         help="a name from 'skt backbones' (default: %(default)s)")
     extract.add_argument("--weights", default="DEFAULT",
                          help="DEFAULT, a weights name, a state-dict path, or none")
-    extract.add_argument("--layers", help="comma-separated layer names (default: penultimate)")
+    extract.add_argument("--layers", help="comma-separated names from 'skt layers BACKBONE' "
+                                          "(default: penultimate)")
     extract.add_argument("--pooling", default="avg",
                          choices=["avg", "max", "gem", "avgmax", "flatten"])
-    extract.add_argument("--image-size", type=int)
-    extract.add_argument("--batch-size", type=int, default=32)
-    extract.add_argument("--device", default="auto")
-    extract.add_argument("--num-workers", type=int, default=None,
-                         help="decoding processes (default: one per core, up to 4)")
+    extract.add_argument("--image-size", type=_at_least(1),
+                         help="crop size in pixels (default: the weights')")
+    extract.add_argument("--batch-size", type=_at_least(1), default=32)
+    extract.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps")
+    extract.add_argument("--num-workers", type=_at_least(0), default=None,
+                         help="decoding threads (default: one per core, up to 4)")
     extract.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"])
     extract.add_argument("--cache", help="feature cache directory")
+    extract.add_argument("--random-state", type=_at_least(0),
+                         help="seed of the random initialisation with --weights none")
+    extract.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+                         help="skip: NaN rows for images that cannot be read, listed in "
+                              "f.skipped.jsonl (the 'skipped' array of f.npz); exit status "
+                              "0 (default: raise, exit status 1)")
     extract.set_defaults(run=cmd_extract)
 
     backbones = commands.add_parser("backbones", help="list backbone names")
@@ -233,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache = commands.add_parser("cache", help="show or clear a feature cache")
     cache.add_argument("action", choices=["info", "clear"])
     cache.add_argument("path")
-    cache.add_argument("--max-bytes", type=int,
+    cache.add_argument("--max-bytes", type=_at_least(0),
                        help="with clear: delete oldest entries down to this size")
     cache.set_defaults(run=cmd_cache)
 
@@ -252,13 +747,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         _discard_unwritable_output()
         return 141
-    except (CommandError, ValueError, TypeError, OSError, ImportError) as exc:
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"skt: error: {message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("skt: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"skt: interrupted; {exc}" if str(exc) else "skt: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # whatever the cause, one line and no traceback
+        print(f"skt: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     return status
 
 

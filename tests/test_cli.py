@@ -3,17 +3,24 @@
 import json
 import os
 import re
+import shutil
+import struct
 import subprocess
 import sys
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from skt import __version__
-from skt.cli import CommandError, collect_inputs, main
+from skt.cli import CommandError, collect_inputs, main, read_jsonl
 
-TINY_ARGS = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32",
-             "--engine", "torch"]
+TINY_ARGS = ["--backbone", "resnet18", "--weights", "none", "--random-state", "0",
+             "--image-size", "32", "--engine", "torch"]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run(capsys, *argv):
@@ -50,9 +57,8 @@ def test_extract_files_and_globs_to_npy(image_files, tmp_path, capsys):
     assert status == 0, err
     features = np.load(output, mmap_mode="r")
     assert features.shape == (5, 128 + 256)
-    assert (tmp_path / "features.paths.txt").read_text().splitlines() == [
-        *image_files[:4], image_files[7]]
-    assert not (tmp_path / "features.labels.txt").exists()  # plain files have no labels
+    assert read_jsonl(tmp_path / "features.paths.jsonl") == [*image_files[:4], image_files[7]]
+    assert not (tmp_path / "features.labels.jsonl").exists()  # plain files have no labels
 
     from skt import FeatureExtractor
 
@@ -69,7 +75,7 @@ def test_extract_files_to_npz_keeps_their_order_without_labels(image_files, tmp_
     with np.load(output) as saved:
         assert saved["paths"].tolist() == image_files[:3]
         assert "labels" not in saved.files
-    assert not list(tmp_path.glob(".*.partial"))  # the staging file was renamed
+    assert not list(tmp_path.glob(".*"))  # no staging file is left
 
 
 def test_collect_inputs_refuses_missing_paths_and_empty_folders(tmp_path):
@@ -83,6 +89,244 @@ def test_collect_inputs_refuses_missing_paths_and_empty_folders(tmp_path):
         collect_inputs([str(tmp_path)])
 
 
+# ------------------------------------------------------ outputs of one run --
+
+def _files(folder):
+    """Names of the files in ``folder``, hidden ones included."""
+    return sorted(path.name for path in folder.iterdir())
+
+
+def _broken(tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG broken")
+    return str(broken)
+
+
+def test_extract_replaces_every_output_of_an_earlier_run(image_folder, image_files, tmp_path,
+                                                          capsys):
+    output = tmp_path / "out" / "f.npy"
+    assert run(capsys, "extract", str(image_folder), "-o", str(output), *TINY_ARGS)[0] == 0
+    assert _files(output.parent) == ["f.labels.jsonl", "f.npy", "f.paths.jsonl"]
+    (output.parent / "f.paths.txt").write_text("written by an earlier version\n")
+    status, _, err = run(capsys, "extract", *image_files[:3], "-o", str(output), *TINY_ARGS)
+    assert status == 0, err
+    # files without classes: no labels, and nothing left from the run before
+    assert _files(output.parent) == ["f.npy", "f.paths.jsonl"]
+    assert np.load(output).shape == (3, 512)
+    assert read_jsonl(output.parent / "f.paths.jsonl") == image_files[:3]
+
+
+def test_failed_extract_keeps_the_earlier_output_then_resumes(image_files, tmp_path, capsys):
+    """Image 6 fails: f.npz stays the earlier run's; once fixed, the same command resumes."""
+    output = tmp_path / "out" / "f.npz"
+    args = [*TINY_ARGS, "--batch-size", "2"]
+    assert run(capsys, "extract", *image_files[:2], "-o", str(output), *args)[0] == 0
+    earlier = output.read_bytes()
+    inputs = [*image_files[:6], _broken(tmp_path), image_files[7]]
+    status, _, err = run(capsys, "extract", *inputs, "-o", str(output), *args)
+    assert status == 1
+    assert err.splitlines()[-1].startswith(f"skt: error: Image 6 ({inputs[6]!r}) cannot be read")
+    assert output.read_bytes() == earlier
+    done = json.loads((output.parent / ".f.npz.progress").read_text())["rows"]
+    assert done in (2, 4, 6)  # whole batches
+
+    shutil.copy(image_files[6], inputs[6])
+    status, _, err = run(capsys, "extract", *inputs, "-o", str(output), *args)
+    assert status == 0, err
+    assert f"skt: resuming {output} from image {done} of 8\n" in err
+    assert re.findall(r"\| (\d+)/8 \[", err) == [str(done), "8"]  # one bar, drawn twice off a tty
+    assert _files(output.parent) == ["f.npz"]
+    reference = tmp_path / "reference.npz"
+    assert run(capsys, "extract", *inputs, "-o", str(reference), *args)[0] == 0
+    assert output.read_bytes() == reference.read_bytes()
+
+
+@pytest.mark.parametrize("change", ["other files", "a file rewritten", "other settings"])
+def test_a_different_job_starts_over(change, image_files, images, tmp_path, capsys):
+    output = tmp_path / "f.npy"
+    inputs = [*image_files[:4], _broken(tmp_path)]
+    args = [*TINY_ARGS, "--batch-size", "2"]
+    assert run(capsys, "extract", *inputs, "-o", str(output), *args)[0] == 1
+    assert (tmp_path / ".f.npy.progress").exists() and not output.exists()
+    inputs = inputs[:4]
+    if change == "other files":
+        inputs = image_files[4:]
+    elif change == "a file rewritten":
+        Image.fromarray(images[7]).save(inputs[0])
+    else:
+        args += ["--pooling", "max"]
+    status, _, err = run(capsys, "extract", *inputs, "-o", str(output), *args)
+    assert status == 0, err
+    assert "resuming" not in err
+    assert _files(tmp_path).count(".f.npy.progress") == 0
+    from skt import FeatureExtractor
+
+    pooling = "max" if change == "other settings" else "avg"
+    expected = FeatureExtractor("resnet18", weights=None, image_size=32, engine="torch",
+                                random_state=0, pooling=pooling).fit(inputs).transform(inputs)
+    np.testing.assert_allclose(np.load(output), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_ctrl_c_keeps_the_work_done(image_files, tmp_path, capsys, monkeypatch):
+    from skt import FeatureExtractor
+
+    calls = []
+    transform_into = FeatureExtractor.transform_into
+
+    def interrupted(self, X, out):
+        calls.append(len(X))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return transform_into(self, X, out)
+
+    monkeypatch.setattr(FeatureExtractor, "transform_into", interrupted)
+    output = tmp_path / "f.npy"
+    status, _, err = run(capsys, "extract", *image_files, "-o", str(output), *TINY_ARGS,
+                         "--batch-size", "2")
+    assert status == 130
+    assert err.splitlines()[-1] == ("skt: interrupted; 2 of 8 images are done; the same "
+                                    "command resumes")
+    assert not output.exists() and calls[0] == 2
+
+
+def test_images_skipped_before_an_interruption_stay_listed(image_files, tmp_path, capsys,
+                                                            monkeypatch):
+    from skt import FeatureExtractor
+
+    calls = []
+    transform_into = FeatureExtractor.transform_into
+
+    def interrupted(self, X, out):
+        calls.append(len(X))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return transform_into(self, X, out)
+
+    inputs = [image_files[0], _broken(tmp_path), *image_files[1:6]]
+    output = tmp_path / "f.npy"
+    argv = ["extract", *inputs, "-o", str(output), *TINY_ARGS, "--batch-size", "2",
+            "--on-error", "skip"]
+    with monkeypatch.context() as patch:
+        patch.setattr(FeatureExtractor, "transform_into", interrupted)
+        assert run(capsys, *argv)[0] == 130
+    status, _, err = run(capsys, *argv)
+    assert status == 0, err
+    assert "skt: resuming" in err and "skt: skipped 1 of 7 images" in err
+    assert [entry["index"] for entry in read_jsonl(tmp_path / "f.skipped.jsonl")] == [1]
+    assert np.isnan(np.load(output)[1]).all()
+
+
+def test_warnings_are_one_line_each_once(image_files, tmp_path, capsys, monkeypatch):
+    import warnings
+
+    from skt import FeatureExtractor
+
+    transform_into = FeatureExtractor.transform_into
+
+    def warning(self, X, out):
+        warnings.warn("the device is slow\ntoday", RuntimeWarning, stacklevel=1)
+        return transform_into(self, X, out)
+
+    monkeypatch.setattr(FeatureExtractor, "transform_into", warning)
+    status, _, err = run(capsys, "extract", *image_files, "-o", str(tmp_path / "f.npy"),
+                         *TINY_ARGS, "--batch-size", "2")
+    assert status == 0, err
+    assert err.count("skt: warning: ") == 1 and "skt: warning: the device is slow today\n" in err
+
+
+# ------------------------------------------------------------- file names --
+
+ODD_NAMES = ["new\nline.png", "tab\there.png", " two  spaces .png", "ünïcødé 画像.png",
+             os.fsdecode(b"bytes \xff\xfe.png"), 'quote " back\\slash.png']
+ODD_CLASSES = ["plain", os.fsdecode(b"odd\nclass \xff")]
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".npz"])
+def test_any_file_name_round_trips(suffix, images, tmp_path, capsys):
+    root = tmp_path / "in"
+    for label in ODD_CLASSES:
+        (root / label).mkdir(parents=True)
+        for name, pixels in zip(ODD_NAMES, images, strict=False):
+            Image.fromarray(pixels).save(root / label / name)
+    expected_paths, expected_labels = collect_inputs([str(root)])
+    assert len(expected_paths) == 12 and set(expected_labels) == set(ODD_CLASSES)
+    output = tmp_path / f"f{suffix}"
+    status, _, err = run(capsys, "extract", str(root), "-o", str(output), *TINY_ARGS)
+    assert status == 0, err
+    if suffix == ".npy":
+        features = np.load(output)
+        for kind in ("paths", "labels"):
+            assert output.with_suffix(f".{kind}.jsonl").read_bytes().isascii()
+        paths = read_jsonl(output.with_suffix(".paths.jsonl"))
+        labels = read_jsonl(output.with_suffix(".labels.jsonl"))
+    else:
+        with np.load(output) as saved:
+            features, paths, labels = (saved[k].tolist() for k in ("features", "paths", "labels"))
+    assert (paths, labels) == (expected_paths, expected_labels)
+    assert len(features) == 12
+    assert {os.fsencode(Path(path).name) for path in paths} == {os.fsencode(name)
+                                                                for name in ODD_NAMES}
+    assert all(Path(path).is_file() for path in paths)
+
+
+# --------------------------------------------------------------- on error --
+
+@pytest.mark.parametrize("suffix", [".npy", ".npz"])
+def test_on_error_skip_gives_nan_rows_and_lists_them(suffix, image_files, tmp_path, capsys):
+    inputs = [image_files[0], _broken(tmp_path), image_files[1]]
+    output = tmp_path / "out" / f"f{suffix}"
+    status, _, err = run(capsys, "extract", *inputs, "-o", str(output), *TINY_ARGS,
+                         "--on-error", "skip")
+    assert status == 0, err
+    where = (output.with_suffix(".skipped.jsonl") if suffix == ".npy"
+             else f"the 'skipped' array of {output}")
+    assert err.splitlines()[-2] == (f"skt: skipped 1 of 3 images that could not be read; "
+                                    f"their rows are NaN and {where} lists them")
+    assert "Warning" not in err
+    if suffix == ".npy":
+        features = np.load(output)
+        skipped = read_jsonl(where)
+    else:
+        with np.load(output) as saved:
+            features = saved["features"]
+            skipped = [dict(zip(("index", "path", "message"), row, strict=True))
+                       for row in saved["skipped"].tolist()]
+    assert np.isnan(features[1]).all() and not np.isnan(features[[0, 2]]).any()
+    [entry] = skipped
+    assert (entry["index"], entry["path"]) == (1, inputs[1])
+    assert entry["message"].startswith(f"Image 1 ({inputs[1]!r}) cannot be read")
+
+    # nothing to skip: an empty list, in place of the earlier one
+    status, _, err = run(capsys, "extract", *image_files[:2], "-o", str(output), *TINY_ARGS,
+                         "--on-error", "skip")
+    assert status == 0 and "skipped" not in err
+    if suffix == ".npy":
+        assert read_jsonl(where) == []
+    else:
+        with np.load(output) as saved:
+            assert saved["skipped"].shape == (0,)
+
+
+def test_random_init_with_a_seed_hits_the_cache(image_files, tmp_path, capsys):
+    from skt.cache import cache_info
+
+    cache = tmp_path / "cache"
+    args = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--engine",
+            "torch", "--cache", str(cache)]
+    first, second, unseeded = (tmp_path / f"{name}.npy" for name in ("a", "b", "c"))
+    assert run(capsys, "extract", *image_files, "-o", str(first), *args, "--random-state", "0",
+               )[0] == 0
+    assert cache_info(cache)["entries"] == 8
+    assert run(capsys, "extract", *image_files, "-o", str(second), *args, "--random-state", "0",
+               )[0] == 0
+    info = cache_info(cache)
+    assert (info["entries"], len(info["configs"])) == (8, 1)
+    np.testing.assert_array_equal(np.load(first), np.load(second))
+    # without a seed, every run draws other weights: nothing to reuse
+    assert run(capsys, "extract", *image_files, "-o", str(unseeded), *args)[0] == 0
+    assert cache_info(cache)["entries"] == 16
+
+
 # ------------------------------------------------------------ exit status --
 
 @pytest.mark.parametrize(
@@ -94,17 +338,81 @@ def test_collect_inputs_refuses_missing_paths_and_empty_folders(tmp_path):
          "Unknown backbone 'resnet_18'. Close matches: ['resnet18'"),
         (["layers", "vgg"], "Unknown backbone 'vgg'"),
         (["extract", "{broken}", "-o", "{out}", *TINY_ARGS], "cannot be read as an image"),
+        (["extract", "{bomb}", "-o", "{out}", *TINY_ARGS], "decompression bomb"),
+        (["cache", "info", "{missing}"], "'{missing}' does not exist."),
+        (["cache", "clear", "{files}"], "'{files}' is not a directory."),
     ],
 )
 def test_errors_are_one_line_without_traceback(argv, message, image_files, tmp_path, capsys):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG broken")
-    argv = [a.format(files=image_files[0], out=tmp_path / "o.npy", broken=broken) for a in argv]
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_claiming(30_000, 30_000))
+    names = {"files": image_files[0], "out": tmp_path / "o.npy", "broken": broken, "bomb": bomb,
+             "missing": tmp_path / "missing"}
+    argv = [a.format(**names) for a in argv]
+    message = message.format(**names)
     status, _, err = run(capsys, *argv)
     assert status == 1
     last = err.rstrip("\n").split("\n")[-1]  # after any progress bar
     assert last.startswith("skt: error: ") and message in last
     assert err.count("skt: error") == 1 and "Traceback" not in err
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG file whose header claims ``width`` x ``height`` pixels, with no pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("error", [Image.DecompressionBombError("Image size exceeds limit"),
+                                   RuntimeError("the device went away")])
+def test_any_exception_of_the_extractor_is_one_line(error, image_files, tmp_path, capsys,
+                                                     monkeypatch):
+    from skt import FeatureExtractor
+
+    def fail(self, X, out):
+        raise error
+
+    monkeypatch.setattr(FeatureExtractor, "transform_into", fail)
+    status, _, err = run(capsys, "extract", *image_files, "-o", str(tmp_path / "f.npy"),
+                         *TINY_ARGS)
+    assert status == 1
+    assert err.splitlines()[-1] == f"skt: error: {type(error).__name__}: {error}"
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--device", "bogus"], "--device bogus is not a torch device; use 'auto', 'cpu', "),
+        (["--device", "cuda:7"], "--device cuda:7 is not available on this machine; use "
+                                 "--device auto or 'cpu'."),
+        (["--layers", "layer3,layer9"], "Unknown layer 'layer9'. Close matches: "),
+        (["--layers", "layer9"], "'skt layers resnet18' lists all "),
+        (["--image-size", "8"], "--image-size must be an int in the range [16, inf); got 8."),
+        (["--weights", "missing.pth"], "--weights missing.pth: no such file."),
+        (["--random-state", "4294967296"], "--random-state must be "),
+    ],
+)
+def test_errors_speak_of_options(options, message, image_files, tmp_path, capsys):
+    status, _, err = run(capsys, "extract", *image_files[:2], "-o", str(tmp_path / "o.npy"),
+                         *TINY_ARGS, *options)
+    assert status == 1
+    last = err.splitlines()[-1]
+    assert message in last, last
+    assert not re.search(r"\w=|skt\.\w|parameter of", last), last
+
+
+def test_layers_points_to_backbones(capsys):
+    status, _, err = run(capsys, "layers", "vgg")
+    assert status == 1
+    assert err.endswith(" 'skt backbones' lists the valid names.\n")
 
 
 @pytest.mark.parametrize(
@@ -116,6 +424,12 @@ def test_errors_are_one_line_without_traceback(argv, message, image_files, tmp_p
         (["cache", "list", "/tmp"], "usage: skt cache ",
          "skt cache: error: argument action: invalid choice: 'list'"),
         ([], "usage: skt ", "skt: error: the following arguments are required: COMMAND"),
+        (["extract", "a.png", "-o", "a.npy", "--batch-size", "0"], "usage: skt extract ",
+         "skt extract: error: argument --batch-size: expected an integer >= 1, got '0'"),
+        (["extract", "a.png", "-o", "a.npy", "--num-workers", "two"], "usage: skt extract ",
+         "skt extract: error: argument --num-workers: expected an integer >= 0, got 'two'"),
+        (["extract", "a.png", "-o", "a.npy", "--on-error", "ignore"], "usage: skt extract ",
+         "skt extract: error: argument --on-error: invalid choice: 'ignore'"),
     ],
 )
 def test_usage_errors_exit_2_with_argparse_usage(argv, usage, message, capsys):
