@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from skt.extractor import FeatureExtractor
     from skt.finetune import FineTuneClassifier
     from skt.images import load_image_folder
+    from skt.persist import load, save
 
 _LAZY = {
     "FeatureExtractor": "skt.extractor",
@@ -31,7 +32,9 @@ _LAZY = {
     "list_backbones": "skt.backbones",
     "list_layers": "skt.backbones",
     "list_stages": "skt.backbones",
+    "load": "skt.persist",
     "load_image_folder": "skt.images",
+    "save": "skt.persist",
 }
 
 __all__ = [
@@ -44,7 +47,9 @@ __all__ = [
     "list_backbones",
     "list_layers",
     "list_stages",
+    "load",
     "load_image_folder",
+    "save",
 ]
 
 

@@ -23,7 +23,8 @@ WITH_EXAMPLES = {
     "skt.backbones.efficientnet_lite", "skt.bench", "skt.bench._curve", "skt.bench._inputs",
     "skt.bench._machine",
     "skt.bench._rows", "skt.bench._run", "skt.cache", "skt.extractor", "skt.finetune",
-    "skt.images._folder", "skt.images._preprocess", "skt.images._validate", "skt.pooling",
+    "skt.images._folder", "skt.images._preprocess", "skt.images._validate", "skt.persist",
+    "skt.pooling",
     "skt.training._callbacks", "skt.training._freeze", "skt.training._optim",
 }
 

@@ -44,9 +44,11 @@ ALLOWED = {
                           "skt.extractor", "skt.finetune", "skt.datasets"},
     "skt.cli": _CORE | {"skt", "skt.images", "skt.backbones", "skt.cache", "skt.extractor",
                         "skt.bench"},
+    "skt.persist": _CORE | {"skt._base", "skt.images", "skt.backbones", "skt.pooling",
+                            "skt.cache", "skt.extractor", "skt.finetune"},
     "skt.__main__": {"skt.cli"},
     "skt": {"skt._version", "skt.backbones", "skt.cache", "skt.extractor", "skt.finetune",
-            "skt.images"},
+            "skt.images", "skt.persist"},
 }
 # Third-party modules some layers must never reach.
 FORBIDDEN = {
