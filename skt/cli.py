@@ -94,6 +94,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from skt._utils import expand_path
 from skt._version import __version__
 
 __all__ = ["kill_and_resume", "main", "read_jsonl"]
@@ -142,6 +143,8 @@ def collect_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str] | None]:
     labels: list[str] = []
     all_labelled = True
     for entry in inputs:
+        if entry.startswith("~") and not os.path.lexists(entry):  # quoted, so the shell left it
+            entry = os.fspath(expand_path(entry))
         matches = sorted(glob.glob(entry)) if glob.has_magic(entry) else [entry]
         if not matches:
             raise CommandError(f"{entry!r} matches no file.")
@@ -533,7 +536,7 @@ def _report_skipped(staging: _Staging) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
-    output = Path(args.output)
+    output = expand_path(args.output)
     if output.suffix not in (".npy", ".npz"):
         raise CommandError(f"-o {args.output!r}: the output must end in .npy or .npz.")
     paths, labels = collect_inputs(args.inputs)
@@ -645,7 +648,7 @@ def cmd_layers(args: argparse.Namespace) -> None:
 def cmd_cache(args: argparse.Namespace) -> None:
     from skt.cache import cache_info, clear_cache
 
-    location = Path(args.path).expanduser()
+    location = expand_path(args.path)
     if not location.exists():
         raise CommandError(f"{args.path!r} does not exist.")
     if not location.is_dir():

@@ -553,3 +553,17 @@ def test_cache_info_and_clear(images, tmp_path, capsys):
     assert status == 0 and out == f"freed {size} in {tmp_path}\n"
     assert run(capsys, "cache", "info", str(tmp_path))[1] == f"{tmp_path}: 0 entries, 0 B\n"
 
+
+
+def test_a_quoted_tilde_in_inputs_and_output_means_the_home_folder(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / "scans").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(home / "scans" / f"{i}.png")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    assert main(["extract", "~/scans/*.png", "-o", "~/out/f.npy", *TINY_ARGS]) == 0
+    assert np.load(home / "out" / "f.npy").shape[0] == 2
+    assert read_jsonl(home / "out" / "f.paths.jsonl") == [str(home / "scans" / f"{i}.png")
+                                                          for i in range(2)]
+    assert not (tmp_path / "~").exists()
