@@ -141,6 +141,8 @@ def fingerprint(item: Any) -> str:
     if isinstance(item, Image.Image):
         digest.update(f"pil|{item.mode}|{item.size}".encode())
         digest.update(item.tobytes())
+        if item.mode in ("P", "PA"):  # the pixels are indices: the colours are in the palette
+            digest.update(bytes(item.getpalette() or ()))
     else:
         tensor = _is_tensor(item)
         array = np.ascontiguousarray(item.detach().cpu().numpy() if tensor else item)

@@ -63,7 +63,10 @@ beside the output, ``.f.npy.partial`` (the rows so far) and
 ``.f.npy.progress`` (which job, and how many rows are complete); a run
 killed, interrupted or failed leaves them, and the same command on the same
 files continues from the last complete batch, with the result an
-uninterrupted run would give, byte for byte. A different job starts over
+uninterrupted run would give, byte for byte. (With ``--cache``, a kill in the
+middle of writing a batch's entries makes the resumed run compute the rest
+of that batch in smaller batches; where a network's results depend on a
+batch's size at the last bit, those rows can differ by float rounding.) A different job starts over
 and replaces them: other files, a file changed among those done, other
 settings (``--cache`` and ``--num-workers`` aside), or ``--weights none``
 without ``--random-state``, which draws new weights on every run.
@@ -257,12 +260,18 @@ def _hidden(path: Path, role: str) -> Path:
 
 
 def _stat_digest(paths: Sequence[str], digest=None):
-    """Extend a digest with the size and modification time of each file."""
+    """Extend a digest with the identity, size and times of each file.
+
+    The status-change time is set by the system whenever a file is written or
+    its times are set (``cp -p``, ``touch -r``), so a file rewritten at the
+    same size with its old modification time still counts as changed.
+    """
     digest = digest or hashlib.blake2b(digest_size=16)
     for path in paths:
         try:
             stat = os.stat(path)
-            digest.update(f"{stat.st_size}:{stat.st_mtime_ns};".encode())
+            digest.update(f"{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:"
+                          f"{stat.st_ctime_ns};".encode())
         except OSError:
             digest.update(b"-;")
     return digest

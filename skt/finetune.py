@@ -63,6 +63,13 @@ def _describe_param(value):
     return repr(value)
 
 
+def _is_missing(label) -> bool:
+    """None, a float NaN of any width, or pandas' NA (without importing pandas)."""
+    if label is None or type(label).__name__ in ("NAType", "NaTType"):
+        return True
+    return isinstance(label, float | np.floating) and bool(np.isnan(label))
+
+
 def _check_label_values(labels: np.ndarray) -> None:
     """Refuse missing labels (None, NaN) and a mix of strings and numbers, naming positions.
 
@@ -72,8 +79,7 @@ def _check_label_values(labels: np.ndarray) -> None:
     if labels.dtype.kind == "f":
         missing = np.flatnonzero(np.isnan(labels))
     elif labels.dtype == object:
-        missing = np.flatnonzero([label is None or (isinstance(label, float) and label != label)
-                                  for label in labels])
+        missing = np.flatnonzero([_is_missing(label) for label in labels])
     else:
         return
     if len(missing):
@@ -81,7 +87,7 @@ def _check_label_values(labels: np.ndarray) -> None:
                          f"{missing[:5].tolist()}{' ...' if len(missing) > 5 else ''}. Label "
                          "those images, or leave them out of X and y.")
     if labels.dtype == object:
-        text = np.array([isinstance(label, str) for label in labels])
+        text = np.array([isinstance(label, str | bytes) for label in labels])
         if text.any() and not text.all():
             first, other = int(np.argmax(text)), int(np.argmin(text))
             raise TypeError(
@@ -604,8 +610,12 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         try:
             check_classification_targets(labels)
         except ValueError as exc:
+            try:
+                kind = repr(type_of_target(labels))
+            except ValueError:  # what made the check fail can make this fail too
+                kind = "unusable"
             raise ValueError(f"y must hold class labels, but scikit-learn reads it as "
-                             f"{type_of_target(labels)!r} values ({exc}) For a regression "
+                             f"{kind} values ({exc}) For a regression "
                              "target, fit a regressor on FeatureExtractor features; for "
                              "whole numbers stored as floats, pass y.astype(int).") from exc
         encoder = LabelEncoder().fit(labels)
@@ -739,8 +749,9 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
                   "'memory'.")
         if folder is None:  # skt.cache has warned, naming the folder
             raise ValueError("frozen_cache='disk' keeps the output of the frozen stages in a "
-                             "file in skt's cache folder, which cannot be written (see the "
-                             f"warning naming it). {advice}")
+                             "file in skt's cache folder ($SKT_CACHE_DIR, else "
+                             "$XDG_CACHE_HOME/skt or ~/.cache/skt), which cannot be written. "
+                             f"{advice}")
         try:
             TrunkStore.check_folder(folder)
         except OSError as exc:

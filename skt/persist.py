@@ -68,6 +68,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import types
 import warnings
 import zipfile
@@ -145,13 +146,22 @@ where an skt estimator stands. Code-bearing types (``builtins.eval``,
 """
 
 
+_SKOPS_MIN = (0, 12)
+
+
 def _safe_packages() -> tuple[Any, Any]:
     try:
         import safetensors.torch
+        import skops
         import skops.io
     except ImportError as exc:
         raise ImportError(f"skt.save and skt.load need skops and safetensors ({exc}). "
                           'Install them with: pip install "skt[safe]"') from exc
+    version = tuple(int(part) for part in re.findall(r"\d+", skops.__version__)[:2])
+    if version < _SKOPS_MIN:
+        raise ImportError(f"skops {skops.__version__} is too old for skt.load: releases before "
+                          "0.12 can be made to run code from a file (CVE-2025-54412). Upgrade "
+                          'it: pip install "skt[safe]" --upgrade')
     return skops.io, safetensors.torch
 
 
@@ -283,6 +293,11 @@ def _decode_array(spec: dict) -> np.ndarray:
     dtype = np.dtype(spec["dtype"])
     if dtype.kind not in "biufUO":
         raise ValueError(f"arrays of dtype {dtype} are not stored by skt.save")
+    if dtype.kind == "U":  # no wider than its longest string: a crafted width cannot eat memory
+        width = max((len(item) for item in spec["data"] if isinstance(item, str)), default=1)
+        if dtype.itemsize > 4 * max(width, 1):
+            raise ValueError(f"an array of dtype {dtype} holds strings of at most {width} "
+                             "characters; the file was not written by skt.save")
     array = np.empty(len(spec["data"]), dtype=dtype)
     array[:] = [_decode(item) for item in spec["data"]]
     return array.reshape(spec["shape"])
@@ -400,6 +415,13 @@ class _Loader:
         estimator.__setstate__(state)
         if isinstance(estimator, FeatureExtractor) and getattr(estimator, "_rebuildable", False):
             estimator._get_model()  # rebuild the weights by name now, and check their hash
+        model = getattr(estimator, "model_", None)
+        if model is not None and hasattr(estimator, "_fingerprint") and (
+                fingerprint_module(model) != estimator._fingerprint):
+            # the hash keys runtimes and feature caches: a false one would serve other weights
+            raise self.error(index, "the weights' hash recorded in the file is not the hash of "
+                                    "its weights; the file is damaged or was not written by "
+                                    "skt.save")
         return estimator
 
     def check(self, index: int, entry: Any) -> tuple[type, dict, dict]:
@@ -604,6 +626,9 @@ def _open(path: str | os.PathLike) -> tuple[zipfile.ZipFile, str]:
     label = os.fspath(path)
     location = expand_path(path)
     if not zipfile.is_zipfile(location):
+        if location.is_dir():
+            raise IsADirectoryError(f"{label} is a folder; pass the path of a file that "
+                                    "skt.save wrote.")
         if not location.is_file():
             raise FileNotFoundError(f"{label}: no such file.")
         raise ValueError(f"{label} is not an skt file: skt.save writes a zip archive holding "

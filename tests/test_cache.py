@@ -487,3 +487,14 @@ def test_a_lock_file_that_cannot_be_opened_is_no_obstacle(tmp_path):
     descriptor = skt.cache._take_lock(cache.root / "new" / ".lock")  # folder created
     assert descriptor is not None and (cache.root / "new" / ".lock").is_file()
     os.close(descriptor)
+
+
+def test_palette_images_with_other_colours_have_other_fingerprints():
+    from PIL import Image
+
+    indices = Image.new("P", (4, 4))
+    other = indices.copy()
+    indices.putpalette([255, 0, 0] * 256)
+    other.putpalette([0, 0, 255] * 256)
+    assert indices.tobytes() == other.tobytes()  # the same indices ...
+    assert fingerprint(indices) != fingerprint(other)  # ... into other colours

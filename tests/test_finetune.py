@@ -17,6 +17,7 @@ import textwrap
 
 import joblib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -613,6 +614,11 @@ MIXED = ["a", 1] * 16
                "images, or leave them out of X and y.")),
     (lambda X, y: (X, np.where(np.arange(32) == 5, None, y)), ValueError,
      re.escape("y has 1 missing labels (None or NaN), at positions [5].")),
+    (lambda X, y: (X, [np.float32("nan"), *y[1:].tolist()]), ValueError,
+     re.escape("y has 1 missing labels (None or NaN), at positions [0].")),
+    (lambda X, y: (X, pd.Series(np.arange(32) % 2, dtype="Int64").where(np.arange(32) != 7)),
+     ValueError,
+     re.escape("y has 1 missing labels (None or NaN), at positions [7].")),
     (lambda X, y: (X, np.linspace(0, 1, 32)), ValueError, re.escape(
         "y must hold class labels, but scikit-learn reads it as 'continuous' values (Unknown "
         "label type: continuous.")),

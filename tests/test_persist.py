@@ -465,5 +465,44 @@ def test_skt_imports_skops_and_safetensors_only_inside_functions():
                            else [alias.name for alias in node.names])
                 if any(name.split(".")[0] in ("skops", "safetensors") for name in modules):
                     found.append((path.name, node))
-    assert [name for name, _ in found] == ["persist.py", "persist.py"]
+    assert [name for name, _ in found] == ["persist.py"] * 3
     assert all(id(node) in inside for _, node in found)
+
+
+def test_skops_releases_that_can_run_code_are_refused(monkeypatch):
+    import skops
+
+    monkeypatch.setattr(skops, "__version__", "0.11.0")
+    with pytest.raises(ImportError, match=r"skops 0\.11\.0 is too old for skt\.load: releases "
+                                          r"before 0\.12 can be made to run code"):
+        skt.persist._safe_packages()
+
+
+def test_a_false_weights_hash_is_refused(images, tmp_path):
+    # The hash keys shared runtimes and feature caches: believing a false one would let a
+    # crafted file fill a cache with another network's features.
+    skt.save(skt.FeatureExtractor(**{**TINY, "random_state": None}).fit(images),
+             tmp_path / "model.skt")
+    with_manifest(tmp_path / "model.skt", lambda content: content["estimators"][0][
+        "attributes"].update(_fingerprint="0" * 32))
+    with pytest.raises(ValueError, match="skt estimator 0: the weights' hash recorded in the "
+                                         "file is not the hash of its weights"):
+        skt.load(tmp_path / "model.skt")
+
+
+def test_a_string_array_wider_than_its_strings_is_refused(fine_tuned, tmp_path):
+    skt.save(fine_tuned, tmp_path / "model.skt")  # classes_ is ["a", "b"]
+
+    def widen(content):
+        classes = content["estimators"][0]["attributes"]["classes_"]["$ndarray"]
+        classes["dtype"] = "<U100000000"
+
+    with_manifest(tmp_path / "model.skt", widen)
+    with pytest.raises(ValueError, match=r"an array of dtype <U100000000 holds strings of at "
+                                         r"most 1 characters"):
+        skt.load(tmp_path / "model.skt")
+
+
+def test_a_folder_is_not_a_model_file(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a folder; pass the path of a file"):
+        skt.load(tmp_path)

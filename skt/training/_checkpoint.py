@@ -3,7 +3,9 @@
 A file is one line of text, ``skt-checkpoint <format> blake2b <digest>``,
 then the state as :func:`torch.save` writes it. The digest covers those
 bytes, so a file damaged on disk or in a copy is refused before anything in
-it is unpickled or loaded into a network.
+it is read with :func:`torch.load` or loaded into a network. A file without
+that line is read only with ``torch.load(weights_only=True)``, which runs no
+code, to tell an older checkpoint from some other file in the error.
 """
 
 from __future__ import annotations
