@@ -23,6 +23,7 @@ __all__ = [
     "available_cores",
     "close_matches",
     "expand_path",
+    "image_progress",
     "memory_format",
     "resolve_num_workers",
 ]
@@ -92,6 +93,24 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, durable: bool = False)
     """Write ``data`` to ``path`` through :func:`atomic_open`."""
     with atomic_open(path, durable=durable) as handle:
         handle.write(data)
+
+
+# --------------------------------------------------------------- progress --
+
+def image_progress(total: int, label: str, *, initial: int = 0, disable: bool = False):
+    """A tqdm bar over ``total`` images on standard error, ``skt <label>``.
+
+    Off a terminal (a log file, CI), it is drawn when it starts and when it
+    ends only, instead of hundreds of carriage-return updates.
+    """
+    import math
+    import sys
+
+    from tqdm.auto import tqdm
+
+    terminal = getattr(sys.stderr, "isatty", lambda: False)()
+    return tqdm(total=total, initial=initial, disable=disable, unit="img", desc=f"skt {label}",
+                mininterval=0.1 if terminal else math.inf)
 
 
 # ------------------------------------------------------------------ memory --

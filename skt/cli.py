@@ -84,7 +84,6 @@ import contextlib
 import glob
 import hashlib
 import json
-import math
 import os
 import re
 import shlex
@@ -97,7 +96,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from skt._utils import expand_path
+from skt._utils import expand_path, image_progress
 from skt._version import __version__
 
 __all__ = ["kill_and_resume", "main", "read_jsonl"]
@@ -409,15 +408,6 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
         return [json.loads(line) for line in handle]
 
 
-def _progress_bar(total: int, initial: int, label: str):
-    from tqdm.auto import tqdm
-
-    # off a terminal (a log file), the bar is drawn when it starts and ends only
-    terminal = getattr(sys.stderr, "isatty", lambda: False)()
-    return tqdm(total=total, initial=initial, unit="img", desc=f"skt {label}",
-                mininterval=0.1 if terminal else math.inf)
-
-
 def _extract_rows(extractor, staging: _Staging, features, skip: bool, backbone: str) -> None:
     """Fill the staged rows chunk by chunk, recording each chunk once it is on disk.
 
@@ -427,7 +417,7 @@ def _extract_rows(extractor, staging: _Staging, features, skip: bool, backbone: 
     """
     paths, total, batch = staging.paths, staging.shape[0], extractor.batch_size
     batches, shown = 1, set()
-    with _progress_bar(total, staging.rows, backbone) as bar:
+    with image_progress(total, backbone, initial=staging.rows) as bar:
         while staging.rows < total:
             start, began = staging.rows, time.monotonic()
             stop = min(total, start + batches * batch)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import sys
 import warnings
@@ -17,11 +16,10 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
-from tqdm.auto import tqdm
 
 from skt._base import BACKBONE_CONSTRAINTS, RUNTIME_CONSTRAINTS, ImageEstimatorMixin
 from skt._sklearn import Interval, StrOptions, _fit_context
-from skt._utils import LRU, resolve_num_workers
+from skt._utils import LRU, image_progress, resolve_num_workers
 from skt._version import __version__
 from skt.backbones import Backbone, check_layers, layer_names, resolve_backbone
 from skt.cache import (
@@ -428,11 +426,7 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
 
     def _extract(self, images, out: np.ndarray, failures: dict[int, str] | None) -> None:
         """Fill ``out`` with the features of validated ``images``; record ``skipped_``."""
-        # off a terminal (a log file), the bar is drawn when it starts and ends only
-        terminal = getattr(sys.stderr, "isatty", lambda: False)()
-        with tqdm(total=len(images), disable=not self.verbose, unit="img",
-                  desc=f"skt {self._label()}", mininterval=0.1 if terminal else math.inf,
-                  ) as progress:
+        with image_progress(len(images), self._label(), disable=not self.verbose) as progress:
             extract_into(out, images, self._get_runtime(), self.pooling,
                          batch_size=self.batch_size,
                          num_workers=resolve_num_workers(self.num_workers),

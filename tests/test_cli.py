@@ -167,7 +167,9 @@ def test_a_different_job_starts_over(change, image_files, images, tmp_path, caps
     np.testing.assert_allclose(np.load(output), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_ctrl_c_keeps_the_work_done(image_files, tmp_path, capsys, monkeypatch):
+def interrupt_the_second_chunk(patch) -> list[int]:
+    """Make ``skt extract``'s second ``transform_into`` call raise KeyboardInterrupt
+    (Ctrl-C); returns the list of each call's number of images."""
     from skt import FeatureExtractor
 
     calls = []
@@ -179,7 +181,12 @@ def test_ctrl_c_keeps_the_work_done(image_files, tmp_path, capsys, monkeypatch):
             raise KeyboardInterrupt
         return transform_into(self, X, out)
 
-    monkeypatch.setattr(FeatureExtractor, "transform_into", interrupted)
+    patch.setattr(FeatureExtractor, "transform_into", interrupted)
+    return calls
+
+
+def test_ctrl_c_keeps_the_work_done(image_files, tmp_path, capsys, monkeypatch):
+    calls = interrupt_the_second_chunk(monkeypatch)
     output = tmp_path / "f.npy"
     status, _, err = run(capsys, "extract", *image_files, "-o", str(output), *TINY_ARGS,
                          "--batch-size", "2")
@@ -191,23 +198,12 @@ def test_ctrl_c_keeps_the_work_done(image_files, tmp_path, capsys, monkeypatch):
 
 def test_images_skipped_before_an_interruption_stay_listed(image_files, tmp_path, capsys,
                                                             monkeypatch):
-    from skt import FeatureExtractor
-
-    calls = []
-    transform_into = FeatureExtractor.transform_into
-
-    def interrupted(self, X, out):
-        calls.append(len(X))
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return transform_into(self, X, out)
-
     inputs = [image_files[0], _broken(tmp_path), *image_files[1:6]]
     output = tmp_path / "f.npy"
     argv = ["extract", *inputs, "-o", str(output), *TINY_ARGS, "--batch-size", "2",
             "--on-error", "skip"]
     with monkeypatch.context() as patch:
-        patch.setattr(FeatureExtractor, "transform_into", interrupted)
+        interrupt_the_second_chunk(patch)
         assert run(capsys, *argv)[0] == 130
     status, _, err = run(capsys, *argv)
     assert status == 0, err

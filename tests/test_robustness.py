@@ -53,34 +53,23 @@ def classifier():
         X, np.arange(8) % 2)
 
 
-def check(entry, case: Case) -> None:
-    with tempfile.TemporaryDirectory() as folder:
-        outcome, detail = classify(entry, case, Path(folder))
+def check(entry, case: Case, judge=classify, **options) -> None:
+    """``judge`` (:func:`classify` or :func:`classify_skipping`) must find ``case`` clean."""
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # on_error="skip" counts its skips
+        outcome, detail = judge(entry, case, Path(folder), **options)
     assert outcome == "clean", f"{case.label}: {outcome}: {detail}"
 
 
+KINDS = {"arrays and tensors": st.one_of(array_cases(), array_cases(tensor=True)),
+         "PIL images": pil_cases(), "files": file_cases(), "whole X": whole_x_cases()}
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @SETTINGS
-@given(case=st.one_of(array_cases(), array_cases(tensor=True)))
-def test_arrays_and_tensors_through_transform(extractor, case):
-    check(extractor.transform, case)
-
-
-@SETTINGS
-@given(case=pil_cases())
-def test_pil_images_through_transform(extractor, case):
-    check(extractor.transform, case)
-
-
-@SETTINGS
-@given(case=file_cases())
-def test_files_through_transform(extractor, case):
-    check(extractor.transform, case)
-
-
-@SETTINGS
-@given(case=whole_x_cases())
-def test_whole_x_through_transform(extractor, case):
-    check(extractor.transform, case)
+@given(data=st.data())
+def test_each_kind_through_transform(extractor, kind, data):
+    check(extractor.transform, data.draw(KINDS[kind], label="case"))
 
 
 @settings(SETTINGS, max_examples=80)
@@ -89,10 +78,7 @@ def test_everything_through_an_overnight_transform(case):
     """``on_error="skip"``: each item used with its own features, or skipped with a NaN row."""
     extractor = FeatureExtractor(**TINY, engine="torch", on_error="skip").fit(
         [np.zeros((8, 8, 3), np.uint8)])
-    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the count of skipped items
-        outcome, detail = classify_skipping(extractor, case, Path(folder))
-    assert outcome == "clean", f"{case.label}: {outcome}: {detail}"
+    check(extractor, case, judge=classify_skipping)
 
 
 @settings(SETTINGS, max_examples=40)
@@ -109,9 +95,7 @@ def test_everything_through_fine_tuning(case):
         labels = np.arange(len(X)) % 2 if hasattr(X, "__len__") else None
         return FineTuneClassifier(**TINY, max_iter=1, batch_size=4, freeze=None).fit(X, labels)
 
-    with tempfile.TemporaryDirectory() as folder:
-        outcome, detail = classify(entry, case, Path(folder), compare=False)
-    assert outcome == "clean", f"{case.label}: {outcome}: {detail}"
+    check(entry, case, compare=False)
 
 
 @settings(SETTINGS, max_examples=25)
@@ -120,7 +104,5 @@ def test_files_through_skt_extract(case):
     """``skt extract``: status 1 with one line naming the file, or the rows of each file alone."""
     from skt.cli import main
 
-    with tempfile.TemporaryDirectory() as folder:
-        entry = command_entry(main, Path(folder), TINY_OPTIONS)
-        outcome, detail = classify(entry, case, Path(folder))
-    assert outcome == "clean", f"{case.label}: {outcome}: {detail}"
+    with tempfile.TemporaryDirectory() as outputs:
+        check(command_entry(main, Path(outputs), TINY_OPTIONS), case)
