@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
+import json
 import os
 import threading
 import uuid
@@ -24,8 +26,10 @@ __all__ = [
     "close_matches",
     "expand_path",
     "image_progress",
+    "jsonl_bytes",
     "memory_format",
     "resolve_num_workers",
+    "stat_digest",
 ]
 
 
@@ -93,6 +97,30 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, durable: bool = False)
     """Write ``data`` to ``path`` through :func:`atomic_open`."""
     with atomic_open(path, durable=durable) as handle:
         handle.write(data)
+
+
+def stat_digest(paths: Iterable[str], digest: Any = None) -> Any:
+    """Extend a blake2b digest with the identity, size and times of each file.
+
+    The status-change time is set by the system whenever a file is written or
+    its times are set (``cp -p``, ``touch -r``), so a file rewritten at the
+    same size with its old modification time still counts as changed. A
+    missing file counts as such.
+    """
+    digest = digest or hashlib.blake2b(digest_size=16)
+    for path in paths:
+        try:
+            stat = os.stat(path)
+            digest.update(f"{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:"
+                          f"{stat.st_ctime_ns};".encode())
+        except OSError:
+            digest.update(b"-;")
+    return digest
+
+
+def jsonl_bytes(values: Iterable[Any]) -> bytes:
+    """One JSON value per line, ASCII only: any file name survives, lone surrogates too."""
+    return "".join(json.dumps(value) + "\n" for value in values).encode("ascii")
 
 
 # --------------------------------------------------------------- progress --

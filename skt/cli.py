@@ -71,6 +71,15 @@ and replaces them: other files, a file changed among those done, other
 settings (``--cache`` and ``--num-workers`` aside), or ``--weights none``
 without ``--random-state``, which draws new weights on every run.
 
+``--dask tcp://HOST:8786`` runs the extraction on that Dask cluster
+instead (:func:`skt.distributed.extract`; needs ``skt[dask]``), one task
+per ``--partition-size`` images, and writes the same files. The image
+files must be readable by every worker under the names given. Its work in
+progress is the hidden folder ``.f.npy.parts`` beside the output, one file
+per complete partition: a run killed, interrupted or failed (a worker died,
+an image could not be read) keeps them, and the same command computes only
+the partitions that are missing.
+
 ``--help``, ``--version`` and ``cache`` import neither torch nor scikit-learn,
 nor numpy for the first two: each command imports what it needs when it runs,
 so start-up stays a fraction of a second (``tests/test_cli.py`` checks the
@@ -96,7 +105,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from skt._utils import expand_path, image_progress
+from skt._utils import expand_path, image_progress, jsonl_bytes, stat_digest
 from skt._version import __version__
 
 __all__ = ["kill_and_resume", "main", "read_jsonl"]
@@ -105,9 +114,6 @@ CHUNK_SECONDS = 2.0
 """About how long ``skt extract`` works between two records of its progress:
 at most what a killed run loses."""
 
-# Extractor parameters that change how the work runs, not its result: a run
-# resumed with other values continues the same job.
-_NOT_IN_JOB = ("cache", "num_workers", "verbose")
 _OPTIONS = {name: "--" + name.replace("_", "-") for name in (
     "backbone", "weights", "layers", "pooling", "image_size", "batch_size", "device",
     "num_workers", "cache", "engine", "random_state", "on_error")}
@@ -258,38 +264,12 @@ def _hidden(path: Path, role: str) -> Path:
     return path.with_name(f".{path.name}.{role}")
 
 
-def _stat_digest(paths: Sequence[str], digest=None):
-    """Extend a digest with the identity, size and times of each file.
-
-    The status-change time is set by the system whenever a file is written or
-    its times are set (``cp -p``, ``touch -r``), so a file rewritten at the
-    same size with its old modification time still counts as changed.
-    """
-    digest = digest or hashlib.blake2b(digest_size=16)
-    for path in paths:
-        try:
-            stat = os.stat(path)
-            digest.update(f"{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:"
-                          f"{stat.st_ctime_ns};".encode())
-        except OSError:
-            digest.update(b"-;")
-    return digest
-
 
 def _job_key(output: Path, paths: Sequence[str], labels, extractor) -> str:
-    """What makes two runs one job: same inputs, settings, weights and kind of output.
+    """What makes two runs one job: same inputs, settings, weights and kind of output."""
+    from skt.distributed import job_key
 
-    The weights' hash tells two random initialisations without a seed apart
-    (the fit computed it already).
-    """
-    params = {name: repr(value) for name, value in sorted(extractor.get_params().items())
-              if name not in _NOT_IN_JOB}
-    digest = hashlib.blake2b(json.dumps(
-        [__version__, output.suffix, params, extractor.engine_, extractor.n_features_out_,
-         extractor._fingerprint, labels]).encode(), digest_size=16)
-    for path in paths:
-        digest.update(os.fsencode(path) + b"\0")
-    return digest.hexdigest()
+    return job_key(extractor, paths, output.suffix, labels)
 
 
 class _Staging:
@@ -320,7 +300,7 @@ class _Staging:
         state = _read_progress(self.progress_path)
         if state is not None and state.get("job") == self.job and state["rows"] <= len(self.paths):
             rows = state["rows"]
-            done = _stat_digest(self.paths[:rows])
+            done = stat_digest(self.paths[:rows])
             features = _open_staged(self.features_path, self.shape)
             if features is not None and done.hexdigest() == state["done"]:
                 self.rows, self._done = rows, done
@@ -332,7 +312,7 @@ class _Staging:
 
     def record(self, rows: int, skipped: Sequence[tuple[int, str]]) -> None:
         """Count ``rows`` as complete; their features must be on disk already."""
-        _stat_digest(self.paths[self.rows:rows], self._done)
+        stat_digest(self.paths[self.rows:rows], self._done)
         self.rows = rows
         self.skipped += skipped
         state = {"job": self.job, "rows": rows, "done": self._done.hexdigest(),
@@ -378,11 +358,6 @@ def _open_staged(path: Path, shape: tuple[int, int]):
     except (OSError, ValueError):
         return None
     return features if features.shape == shape and features.dtype == np.float32 else None
-
-
-def _jsonl(values: Sequence[Any]) -> bytes:
-    """One JSON value per line, ASCII only: any file name survives, lone surrogates too."""
-    return "".join(json.dumps(value) + "\n" for value in values).encode("ascii")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Any]:
@@ -499,17 +474,18 @@ def _put_in_place(output: Path, staged: Path, siblings: dict[Path, bytes | None]
     os.replace(staged, output)
 
 
-def _finish(staging: _Staging, labels, skip: bool) -> None:
+def _finish(output: Path, features: Path, paths: Sequence[str], labels,
+            skipped: list[tuple[int, str]] | None) -> None:
+    """Put the staged ``features`` and the paths, labels and skipped lists in place."""
     import numpy as np
 
-    output, paths = staging.output, staging.paths
     if output.suffix == ".npy":
         records = [{"index": index, "path": paths[index], "message": message}
-                   for index, message in staging.skipped]
-        _put_in_place(output, staging.features_path, {
-            output.with_suffix(".paths.jsonl"): _jsonl(paths),
-            output.with_suffix(".labels.jsonl"): None if labels is None else _jsonl(labels),
-            output.with_suffix(".skipped.jsonl"): _jsonl(records) if skip else None,
+                   for index, message in skipped or ()]
+        _put_in_place(output, features, {
+            output.with_suffix(".paths.jsonl"): jsonl_bytes(paths),
+            output.with_suffix(".labels.jsonl"): None if labels is None else jsonl_bytes(labels),
+            output.with_suffix(".skipped.jsonl"): None if skipped is None else jsonl_bytes(records),
             # the names of earlier versions, which could not hold every file name
             output.with_suffix(".paths.txt"): None,
             output.with_suffix(".labels.txt"): None,
@@ -518,19 +494,17 @@ def _finish(staging: _Staging, labels, skip: bool) -> None:
         arrays = {"paths": np.asarray(paths, dtype=str)}
         if labels is not None:
             arrays["labels"] = np.asarray(labels, dtype=str)
-        if skip:
-            arrays["skipped"] = _skipped_array(staging.skipped, paths)
+        if skipped is not None:
+            arrays["skipped"] = _skipped_array(skipped, paths)
         archive = _hidden(output, "archive")
-        _write_npz(archive, staging.features_path, arrays)
+        _write_npz(archive, features, arrays)
         _put_in_place(output, archive, {})
-    staging.discard()
 
 
-def _report_skipped(staging: _Staging) -> None:
-    output, count = staging.output, len(staging.skipped)
+def _report_skipped(output: Path, count: int, total: int) -> None:
     where = (output.with_suffix(".skipped.jsonl") if output.suffix == ".npy"
              else f"the 'skipped' array of {output}")
-    print(f"skt: skipped {count} of {staging.shape[0]} images that could not be read; their "
+    print(f"skt: skipped {count} of {total} images that could not be read; their "
           f"rows are NaN and {where} lists them", file=sys.stderr)
 
 
@@ -538,10 +512,25 @@ def cmd_extract(args: argparse.Namespace) -> None:
     output = expand_path(args.output)
     if output.suffix not in (".npy", ".npz"):
         raise CommandError(f"-o {args.output!r}: the output must end in .npy or .npz.")
+    client = _dask_client(args.dask) if args.dask else None
     paths, labels = collect_inputs(args.inputs)
     with _speaking_options(args.backbone):
         extractor = _extractor(args).fit(paths)
     output.parent.mkdir(parents=True, exist_ok=True)
+    if client is not None:
+        skipped = _extract_on_cluster(client, extractor, paths, labels, output, args)
+    else:
+        skipped = _extract_here(extractor, paths, labels, output, args)
+    if skipped:
+        _report_skipped(output, len(skipped), len(paths))
+    where = f"Dask cluster at {args.dask}, " if client is not None else ""
+    print(f"wrote {len(paths)} x {extractor.n_features_out_} features ({where}"
+          f"{extractor.engine_} engine) to {output}", file=sys.stderr)
+
+
+def _extract_here(extractor, paths: list[str], labels, output: Path,
+                  args: argparse.Namespace) -> list[tuple[int, str]]:
+    """In this process, batch by batch, resumable from the hidden files beside ``output``."""
     staging = _Staging(output, _job_key(output, paths, labels, extractor), paths,
                        extractor.n_features_out_)
     features = staging.open()
@@ -555,11 +544,47 @@ def cmd_extract(args: argparse.Namespace) -> None:
         raise KeyboardInterrupt(f"{staging.rows} of {len(paths)} images are done; the same "
                                 "command resumes") from None
     del features  # the memmap is flushed: close it before it is renamed
-    _finish(staging, labels, skip)
-    if skip and staging.skipped:
-        _report_skipped(staging)
-    print(f"wrote {len(paths)} x {extractor.n_features_out_} features ({extractor.engine_} "
-          f"engine) to {output}", file=sys.stderr)
+    _finish(output, staging.features_path, paths, labels, staging.skipped if skip else None)
+    staging.discard()
+    return staging.skipped
+
+
+def _dask_client(address: str):
+    """A client of the Dask scheduler at ``address``, or a CommandError saying what to do."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise CommandError("--dask needs Dask's distributed scheduler: pip install "
+                           "'skt[dask]'.") from None
+    try:
+        return Client(address)  # waits distributed.comm.timeouts.connect (30 s) at most
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise CommandError(f"--dask {address}: cannot reach a Dask scheduler there "
+                           f"({_one_line(exc)}). Start one with 'dask scheduler' and workers "
+                           f"with 'dask worker {address}', or leave --dask out to extract "
+                           "in this process.") from None
+
+
+def _extract_on_cluster(client, extractor, paths: list[str], labels, output: Path,
+                        args: argparse.Namespace) -> list[tuple[int, str]]:
+    """Partitions on the cluster's workers (:func:`skt.distributed.extract`), kept in the
+    hidden folder ``.f.npy.parts`` beside ``output`` until the run is complete."""
+    from skt.distributed import FEATURES
+    from skt.distributed import extract as extract_on_cluster
+
+    parts = _hidden(output, "parts")
+    try:
+        with client, _speaking_options(args.backbone):
+            manifest = extract_on_cluster(paths, extractor, parts, client=client,
+                                          partition_size=args.partition_size, verbose=1)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt("the partitions that are complete are kept; the same command "
+                                "resumes") from None
+    skipped = [(row, message) for row, _, message in manifest["skipped"]]
+    _finish(output, parts / FEATURES, paths, labels,
+            skipped if args.on_error == "skip" else None)
+    shutil.rmtree(parts)
+    return skipped
 
 
 def kill_and_resume(argv: Sequence[str], *, after_rows: int = 1, delay: float = 0.0,
@@ -718,6 +743,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="skip: NaN rows for images that cannot be read, listed in "
                               "f.skipped.jsonl (the 'skipped' array of f.npz); exit status "
                               "0 (default: raise, exit status 1)")
+    extract.add_argument("--dask", metavar="ADDRESS",
+                         help="run on the Dask cluster whose scheduler is at ADDRESS "
+                              "(tcp://host:8786), partition by partition; needs skt[dask] and "
+                              "image files every worker can read under the same names")
+    extract.add_argument("--partition-size", type=_at_least(1), default=1024,
+                         help="images per Dask task with --dask (default: %(default)s)")
     extract.set_defaults(run=cmd_extract)
 
     backbones = commands.add_parser("backbones", help="list backbone names")

@@ -566,12 +566,12 @@ def test_a_quoted_tilde_in_inputs_and_output_means_the_home_folder(tmp_path, mon
 
 
 def test_a_done_file_rewritten_at_its_size_and_time_counts_as_changed(tmp_path):
-    from skt.cli import _stat_digest
+    from skt._utils import stat_digest
 
     path = tmp_path / "cell.bmp"
     path.write_bytes(b"\x00" * 64)
     stat = os.stat(path)
-    before = _stat_digest([str(path)]).hexdigest()
+    before = stat_digest([str(path)]).hexdigest()
     path.write_bytes(b"\xff" * 64)  # other pixels, same size (as BMP files keep)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the old time (cp -p)
-    assert _stat_digest([str(path)]).hexdigest() != before
+    assert stat_digest([str(path)]).hexdigest() != before
