@@ -47,6 +47,7 @@ from skt.training import (
     read_checkpoint,
     record_head_input,
 )
+from skt.training._distributed import all_gather, broadcast, join_process_group
 
 __all__ = ["FineTuneClassifier"]
 
@@ -132,6 +133,29 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
     the last epoch's batch statistics (``momentum=None``, restarted every
     epoch), never a stale exponential average (resnet18 from scratch, 32 px:
     0.91, against 0.88 with momentum 0.1 and 0.83 with fixed statistics).
+    Training across processes makes the same choice: fixed statistics stay
+    fixed (and identical on every process), while layers that normalise with
+    batch statistics use those of each process's piece of the batch
+    (``SyncBatchNorm`` needs CUDA), and their running statistics are averaged
+    over the processes at the end of each epoch.
+
+    **Training across processes.** Launched by ``torchrun`` (or with a
+    ``torch.distributed`` process group of several processes already
+    initialised), ``fit`` trains with ``DistributedDataParallel``: it
+    initialises the group if needed (``"gloo"`` on the CPU, ``"nccl"`` on
+    CUDA, where ``device="auto"`` or ``"cuda"`` means ``cuda:LOCAL_RANK``),
+    and every process, given the same images and labels, decodes and trains
+    on its piece of each batch (:class:`skt.training.ImageBatches`, ``shard``).
+    ``batch_size`` stays the global batch and the loss is scaled so that the
+    averaged gradients are those of the whole batch: without dropout or
+    layers that normalise with batch statistics, the weights are those of
+    one process up to float rounding (a final partial batch with fewer than
+    2 images per process is left out, where one process keeps any of 2 or
+    more). Rank 0 alone shows progress and writes the checkpoint, which every
+    process reads to resume (so it must be on a filesystem they share); the
+    fitted classifier is the same on every process, a plain network on the
+    CPU that predicts in a single process. ``python -m skt.train`` fits one
+    from an image folder (:mod:`skt.train`).
 
     Parameters
     ----------
@@ -154,7 +178,8 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         on a CPU").
     batch_size : int, default=32
         Images per optimisation step (at least 2, for BatchNorm), and per
-        forward pass when predicting.
+        forward pass when predicting. Across processes it is the global
+        batch, split between them (at least 2 images each).
     learning_rate_init : float, default=3e-3
         Peak learning rate of the new head (the backbone's is
         ``backbone_lr_scale`` times it). 3e-3 scored 0.875 on ELPV against
@@ -276,7 +301,8 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         with a warning. A leading ``~`` is expanded; a folder, or a path
         that cannot be written, is refused before training starts. The file
         carries a checksum: a damaged one is refused before anything is
-        loaded from it.
+        loaded from it. Across processes, rank 0 writes it and every
+        process reads it to resume: put it on a filesystem they share.
     device : str or torch.device, default="auto"
         ``"auto"`` picks CUDA, then MPS, then the CPU. A fitted classifier
         loaded on a machine without that device predicts on the CPU.
@@ -324,6 +350,9 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
     best_iteration_ : int or None
         Epoch (counted from 1) whose weights were kept; None without early
         stopping.
+    world_size_ : int
+        Processes that trained the last fit together (1 without
+        ``torch.distributed``).
 
     Examples
     --------
@@ -476,6 +505,10 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         ``KeyboardInterrupt``) changes no fitted attribute: the classifier
         stays as its last successful fit left it, or unfitted. Its decoding
         threads and any file of the frozen stages' outputs are gone by then.
+
+        Under ``torchrun`` (or in a process group of several processes),
+        every process calls ``fit`` with the same images and labels; see
+        "Training across processes" in the class description.
         """
         checkpoint = self._check_checkpoint()
         self._check_regularization()
@@ -484,14 +517,18 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         images = as_image_list(X)
         labels, classes = self._check_y(y, len(images))
         device = resolve_device(self.device)
+        rank, world, device = join_process_group(device, self.device) or (0, 1, device)
+        if self.batch_size < 2 * world:
+            raise ValueError(
+                f"batch_size={self.batch_size} is the global batch, split over {world} "
+                f"processes, and each piece needs at least 2 images (BatchNorm): pass "
+                f"batch_size >= {2 * world}.")
         warm = self.warm_start and hasattr(self, "model_")
         if warm and not np.array_equal(classes, self.classes_):
             raise ValueError(
                 f"warm_start=True continues a fit with classes {self.classes_.tolist()}, but y "
                 f"has classes {classes.tolist()}. Pass the same classes, or warm_start=False.")
-        key, resume = self._find_checkpoint(checkpoint, images, labels, warm)
-        seeds = resume["seeds"] if resume is not None else [
-            int(s) for s in check_random_state(self.random_state).randint(0, 2**31 - 1, size=4)]
+        key, resume, seeds = self._start(checkpoint, images, labels, warm, rank, world)
         init_seed, loop_seed, split_seed, shuffle_seed = seeds
         if warm:  # the same pretrained network anchors the regularisers
             init_seed = self._init_seed
@@ -504,17 +541,26 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         train_idx, valid_idx = self._split(labels, split_seed)
         generator = torch.Generator().manual_seed(shuffle_seed)
         train, valid = self._batches(images, labels, train_idx, valid_idx,
-                                     backbone.preprocessing, generator, folder)
+                                     backbone.preprocessing, generator, folder,
+                                     None if world == 1 else (rank, world))
+        if world > 1 and not len(train):
+            raise ValueError(
+                f"{len(train_idx)} training images make no batch for {world} processes, "
+                "whose pieces of a batch need at least 2 images each. Add images, or train "
+                "in fewer processes.")
         try:
             state = self.init_state(
                 model, backbone.classifier, backbone.model, backbone.stages, device=device,
                 generator=generator, steps_per_epoch=len(train),
                 class_weight=self._class_weights(classes, labels[train_idx], device))
-            if self.head_init == "linear_probe" and not warm and resume is None:
+            state.rank, state.world = rank, world
+            # With several processes rank 0 alone probes the whole split: building the
+            # DistributedDataParallel wrapper, before the first step, broadcasts its head.
+            if self.head_init == "linear_probe" and not warm and resume is None and rank == 0:
                 features = (self._trunk_features(state, train) if state.reuse_trunk
                             else self._frozen_features(images, train_idx, init_seed))
                 self._probe_head(state.head, features, classes[labels[train_idx]])
-            state.callbacks = self._make_callbacks(user_callbacks, checkpoint, key, seeds)
+            state.callbacks = self._make_callbacks(user_callbacks, checkpoint, key, seeds, rank)
             self._train(state, train, valid, loop_seed, resume)
         finally:  # also when training fails: no trunk file or kept images outlive the fit
             for batches in (train, valid):
@@ -522,6 +568,57 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
                     batches.close()
         self._set_fitted(model, classes, backbone, init_seed, state, warm)
         return self
+
+    def _start(self, checkpoint: Path | None, images, labels: np.ndarray, warm: bool,
+               rank: int, world: int) -> tuple[str | None, dict | None, list[int]]:
+        """This fit's checkpoint key, the checkpoint to resume from, and its four seeds.
+
+        With several processes, rank 0 decides (it alone fingerprints the
+        images for the key, and draws the seeds from ``random_state``) and
+        tells the others, which read the same checkpoint file; then every rank
+        checks that all fit the same thing. Every rank raises the same error,
+        so that none waits for the others in vain.
+        """
+        key, resume, seeds, failure = None, None, None, None
+        if rank == 0:
+            try:
+                key, resume = self._find_checkpoint(checkpoint, images, labels, warm)
+            except ValueError as exc:  # a damaged checkpoint, say
+                if world == 1:
+                    raise
+                failure = exc
+            seeds = resume["seeds"] if resume is not None else [
+                int(s) for s in check_random_state(self.random_state).randint(0, 2**31 - 1,
+                                                                              size=4)]
+        if world == 1:
+            return key, resume, seeds
+        key, seeds, epoch, failure = broadcast(
+            (key, seeds, None if resume is None else resume["epoch"], failure))
+        if failure is not None:
+            raise failure
+        found = None
+        if rank != 0 and epoch is not None:
+            try:
+                resume = read_checkpoint(checkpoint)
+                found = None if resume is None or resume["key"] != key else resume["epoch"]
+            except ValueError as exc:
+                found = str(exc)
+        elif resume is not None:
+            found = resume["epoch"]
+        mine = {"number of images": len(images),
+                "labels": hashlib.blake2b(np.ascontiguousarray(labels, dtype=np.int64)
+                                          .tobytes(), digest_size=16).hexdigest(),
+                "warm_start network": fingerprint_module(self.model_) if warm else None,
+                "checkpoint epoch": found}
+        every = all_gather(mine)
+        differ = [name for name in mine if len({repr(seen[name]) for seen in every}) > 1]
+        if differ:
+            seen = ", ".join(f"rank {r}: {row[differ[0]]!r}" for r, row in enumerate(every))
+            raise ValueError(
+                f"The {world} processes training together differ in their {differ[0]} "
+                f"({seen}). Every process must call fit with the same images and labels, and "
+                "see the same checkpoint file: put it on a filesystem they share.")
+        return key, resume, seeds
 
     def _build_network(self, backbone: Backbone, n_classes: int, seed: int,
                        warm: bool) -> nn.Module:
@@ -536,9 +633,9 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         model.set_submodule(backbone.classifier, head)
         return model
 
-    def _batches(self, images, labels, train_idx, valid_idx, config, generator, folder):
+    def _batches(self, images, labels, train_idx, valid_idx, config, generator, folder, shard):
         workers = resolve_num_workers(self.num_workers)
-        store = {"store": self.frozen_cache or "auto", "folder": folder}
+        store = {"store": self.frozen_cache or "auto", "folder": folder, "shard": shard}
         train = ImageBatches(images, labels, train_idx, config, self.batch_size,
                              augment=self.augment, shuffle=True, num_workers=workers,
                              generator=generator, max_epochs=self.max_iter, **store)
@@ -555,21 +652,24 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         return callbacks
 
     def _make_callbacks(self, user: list[Callback], checkpoint: Path | None, key: str | None,
-                        seeds: list[int]) -> list[Callback]:
+                        seeds: list[int], rank: int) -> list[Callback]:
         """Built-in callbacks first (progress, weight average, early stopping), then the
         user's, the checkpoint last.
 
         The checkpoint then saves what every other callback did in the epoch.
+        With several processes, only rank 0 shows progress and writes the
+        checkpoint; the other callbacks run on every rank, where they see the
+        same weights and scores.
         """
         callbacks: list[Callback] = []
-        if self.verbose:
+        if self.verbose and rank == 0:
             callbacks.append(ProgressBar())
         if self.average_epochs is not None:
             callbacks.append(WeightAverage(epochs=self.average_epochs))
         if self.early_stopping:  # after the average: the best epoch's weights win
             callbacks.append(EarlyStopping(patience=self.n_iter_no_change))
         callbacks += [copy.deepcopy(callback) for callback in user]
-        if key is not None:
+        if key is not None and rank == 0:
             callbacks.append(Checkpoint(checkpoint, key=key, seeds=seeds))
         return callbacks
 
@@ -797,6 +897,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
             self.validation_scores_ = None
             self.best_validation_score_ = None
             self.best_iteration_ = None
+        self.world_size_ = state.world
         self._classifier = backbone.classifier
         self._init_seed = init_seed
         self._runtime = None

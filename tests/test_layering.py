@@ -45,6 +45,7 @@ ALLOWED = {
     "skt.cli": _CORE | {"skt", "skt.images", "skt.backbones", "skt.cache", "skt.extractor",
                         "skt.bench", "skt.distributed"},
     "skt.distributed": _CORE | {"skt.extractor"},
+    "skt.train": _CORE | {"skt", "skt.images", "skt.finetune", "skt.persist"},
     "skt.persist": _CORE | {"skt._base", "skt.images", "skt.backbones", "skt.pooling",
                             "skt.cache", "skt.extractor", "skt.finetune"},
     "skt.__main__": {"skt.cli"},

@@ -7,6 +7,7 @@ subclass overrides any one of them::
     fit_loop              epochs from state.epoch to max_iter, or until a callback stops it
       begin_epoch         what is frozen this epoch; BatchNorm modes
       make_trunk          the frozen stages to compute once per image and view, if any
+      distribute          DistributedDataParallel around the network, with several processes
       train_epoch         one pass over the shuffled training batches
         train_step        zero_grad, infer, get_loss, backward, optimizer and scheduler step
           infer           the network's logits
@@ -20,6 +21,15 @@ Around the steps, the callbacks in ``state.callbacks`` are notified of
 and ``on_train_end`` (see :mod:`skt.training._callbacks`). Every step
 receives the :class:`TrainingState`; hyper-parameters are read from the
 estimator (``self``).
+
+With several processes (``state.world > 1``, see :mod:`skt.training._distributed`),
+each rank runs the same steps on its piece of every global batch: the
+training forward passes go through DistributedDataParallel, the loss is
+scaled so that the gradients averaged over the ranks are those of the whole
+batch, BatchNorm statistics of layers that normalise with batch statistics
+are averaged over the ranks at the end of each epoch, and the training loss
+and validation score are summed over the ranks, so that every rank records
+the same history and takes the same decisions.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from skt._utils import memory_format
 from skt.images import view_count
+from skt.training._distributed import average_batch_statistics, reduce_sum, wrap_network
 from skt.training._freeze import FreezePlan, fixed_statistics, make_freeze_plan
 from skt.training._optim import make_optimizer, make_scheduler
 from skt.training._regularizers import (
@@ -155,11 +166,15 @@ class TrainingLoop:
                 if state.trunk is not None:  # a dropout between frozen stages, say
                     for name in state.trunk.modules:
                         state.model.get_submodule(name).eval()
+                self.distribute(state)
                 loss = self.train_epoch(state, train)
+                if state.world > 1:  # before validation puts the layers in eval mode
+                    average_batch_statistics(state.model, state.world)
                 score = None if valid is None else self.validation_score(state, valid)
                 self.end_epoch(state, loss, score)
                 self.notify("on_epoch_end", state)
         finally:
+            state.ddp = None
             if remove is not None:
                 remove()
             for batches in splits if state.reuse_trunk else ():
@@ -198,15 +213,37 @@ class TrainingLoop:
             if any(name == prefix or name.startswith(prefix + ".") for prefix in frozen):
                 module.eval()
 
+    def distribute(self, state: TrainingState) -> None:
+        """With several processes, wrap the network in DistributedDataParallel for this epoch.
+
+        The wrapper is built in the first epoch and again when the
+        parameters that train change (a stage thawed); building it
+        broadcasts rank 0's weights. Its forward runs :meth:`Trunk.rest`
+        when the epoch has a trunk. One process: nothing to do.
+        """
+        if state.world > 1:
+            state.ddp = wrap_network(state.model, state.source_head, state.device, state.ddp)
+            state.ddp.module.trunk = state.trunk
+
     def train_epoch(self, state: TrainingState, batches: Iterable) -> float:
-        """One pass over ``batches``; returns the mean training loss."""
-        total = torch.zeros((), dtype=torch.float64)
+        """One pass over ``batches``; returns the mean training loss.
+
+        With several processes, the mean over the whole epoch's global
+        batches, the same on every rank.
+        """
+        # On the device, so that nothing waits for it until the epoch ends (MPS has no float64).
+        total = torch.zeros((), dtype=torch.float32 if state.device.type == "mps"
+                            else torch.float64, device=state.device)
         count = 0
         for images, y in batches:
             loss = self.train_step(state, images, y)
-            total += loss.double() * len(y)  # no sync with the device until the epoch ends
+            # with several processes, the global batch's loss is the mean of the ranks' terms
+            total += loss.to(total.dtype) * (len(y) if state.world == 1
+                                             else state.batch_totals[0] / state.world)
             count += len(y)
             self.notify("on_batch_end", state, loss=loss)
+        if state.world > 1:
+            total, count = reduce_sum(torch.stack([total, total.new_tensor(count)])).tolist()
         return float(total) / max(count, 1)
 
     def to_device(self, state: TrainingState, images: torch.Tensor, y: torch.Tensor):
@@ -218,9 +255,17 @@ class TrainingLoop:
 
     def train_step(self, state: TrainingState, images: torch.Tensor,
                    y: torch.Tensor) -> torch.Tensor:
-        """One optimisation step on a batch; returns the detached loss."""
+        """One optimisation step on a batch; returns the detached loss.
+
+        With several processes, ``images`` and ``y`` are this rank's piece of
+        the global batch; the items and class weight of the whole batch are
+        summed over the ranks first (``state.batch_totals``, which
+        :meth:`get_loss` reads), and the loss returned is this rank's term.
+        """
         images, y = self.to_device(state, images, y)
         state.optimizer.zero_grad(set_to_none=True)
+        if state.world > 1:
+            state.batch_totals = reduce_sum(self._batch_weights(state, y))
         logits = self.infer(state, images)
         loss = self.get_loss(state, logits, y, images, training=True)
         loss.backward()
@@ -234,9 +279,18 @@ class TrainingLoop:
         With a trunk (:meth:`make_trunk`), the batch holds the trunk's outputs
         and only the rest of the network runs.
         """
+        if state.ddp is not None and torch.is_grad_enabled():  # what DDP reduces
+            return state.ddp(images)
         if state.trunk is not None:
             return state.trunk.rest(images, state.model.training)
         return state.model(images)
+
+    @staticmethod
+    def _batch_weights(state: TrainingState, y: torch.Tensor) -> torch.Tensor:
+        """Items of a batch and the sum of their class weights (float64, on the device)."""
+        items = torch.full((), len(y), dtype=torch.float64, device=y.device)
+        weight = items if state.class_weight is None else state.class_weight[y].double().sum()
+        return torch.stack([items, weight])
 
     def get_loss(self, state: TrainingState, logits: torch.Tensor, y: torch.Tensor,
                  images: torch.Tensor | None = None, training: bool = False) -> torch.Tensor:
@@ -245,14 +299,30 @@ class TrainingLoop:
         ``"l2sp"`` adds :func:`~skt.training.l2sp_penalty`; ``"lwf"`` returns
         ``alpha * L_source + (1 - alpha) * L_target`` with ``L_source`` the
         :func:`~skt.training.distillation_loss`.
+
+        With several processes (``training`` steps only), the terms that
+        depend on the data are multiplied by ``world * local / total``: the
+        share of this rank's piece in the global batch's class weight (for
+        the cross-entropy) or items (for the per-item distillation), times
+        the number of ranks, so that the gradients DDP averages are those of
+        the whole batch. The L2-SP penalty does not depend on the data: each
+        rank adds all of it, and their average is the penalty.
         """
         loss = F.cross_entropy(logits, y, weight=state.class_weight)
+        shares = None
+        if training and state.world > 1:
+            shares = (state.world * self._batch_weights(state, y) / state.batch_totals).to(
+                loss.dtype)
+            loss = loss * shares[1]
         if not training or self.regularization == "none":
             return loss
         alpha = DEFAULT_ALPHA[self.regularization] if self.alpha is None else self.alpha
         if self.regularization == "l2sp":
             return loss + l2sp_penalty(state, alpha, self.beta)
-        return alpha * distillation_loss(state, images) + (1 - alpha) * loss
+        distillation = distillation_loss(state, images)
+        if shares is not None:
+            distillation = distillation * shares[0]
+        return alpha * distillation + (1 - alpha) * loss
 
     def validation_step(self, state: TrainingState, images: torch.Tensor,
                         y: torch.Tensor) -> torch.Tensor:
@@ -265,6 +335,8 @@ class TrainingLoop:
         """Accuracy on the validation split, as ``score`` would report it.
 
         Leaves the network in eval mode; the next epoch sets its modes again.
+        With several processes, each rank scores its part of the split and
+        the counts are summed: every rank returns the score of the whole split.
         """
         state.model.eval()
         correct = torch.zeros((), dtype=torch.long)
@@ -273,6 +345,9 @@ class TrainingLoop:
             logits = self.validation_step(state, images, y)
             correct += (logits.argmax(1).cpu() == y).sum()
             count += len(y)
+        if state.world > 1:
+            correct, count = reduce_sum(torch.tensor([int(correct), count],
+                                                     device=state.device)).tolist()
         return int(correct) / count
 
     def end_epoch(self, state: TrainingState, loss: float, score: float | None) -> None:

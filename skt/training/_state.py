@@ -61,6 +61,15 @@ class TrainingState:
     trunk : Trunk or None
         This epoch's frozen trunk, when batches hold its outputs: the steps
         then run :meth:`Trunk.rest` instead of the whole network.
+    rank, world : int
+        This process's rank and the number of processes training together
+        (0 and 1 without ``torch.distributed``).
+    ddp : DistributedDataParallel or None
+        With ``world > 1``, the wrapper whose forward the training steps call
+        (:meth:`~skt.training.TrainingLoop.distribute`); None otherwise.
+    batch_totals : Tensor or None
+        With ``world > 1``, the items of this step's global batch and the
+        sum of their class weights, over every rank (float64, on the device).
     """
 
     model: nn.Module
@@ -83,6 +92,10 @@ class TrainingState:
     batches_per_epoch: int = 0
     reuse_trunk: bool = False
     trunk: Trunk | None = None
+    rank: int = 0
+    world: int = 1
+    ddp: nn.Module | None = None
+    batch_totals: torch.Tensor | None = None
 
     @property
     def head(self) -> nn.Linear:
