@@ -165,11 +165,11 @@ def _client(client: Any) -> Any:
     if client is not None:
         return client
     try:
-        from distributed import default_client
+        from distributed import Client
     except ImportError:
         return None
     try:
-        return default_client()
+        return Client.current(allow_global=True)
     except ValueError:  # no client in this process
         return None
 
@@ -194,7 +194,7 @@ def _run(client: Any, extractor: FeatureExtractor, tasks: list[tuple], progress)
     [shared] = client.scatter([extractor], broadcast=True, hash=False)
     futures = {client.submit(_extract_partition, shared, *task, pure=False): task
                for task in tasks}
-    for future in as_completed(futures):
+    for future in as_completed(futures, loop=client.loop):  # client may not be the default
         task = futures[future]
         try:
             records.append(future.result())
@@ -252,7 +252,8 @@ def extract(paths: Sequence[str | os.PathLike], extractor: FeatureExtractor,
         the client share.
     client : distributed.Client, optional
         The cluster to use; default the current client
-        (:func:`distributed.default_client`), or, without one, this
+        (``distributed.Client.current()``: the default one, or the one of a
+        ``with client.as_current():`` block), or, without one, this
         process, one partition after another (same files).
     partition_size : int, default=1024
         Images per partition: per task, and what a killed worker loses.

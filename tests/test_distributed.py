@@ -37,7 +37,9 @@ PARTITION = 6  # 4 partitions: 6, 6, 6 and 2 images
 def client():
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                        dashboard_address=None)
-    with cluster, distributed.Client(cluster) as client:
+    # Not the default client: every call here names it (``sd.extract(client=...)``),
+    # as a program with several clients must.
+    with cluster, distributed.Client(cluster, set_as_default=False) as client:
         yield client
 
 
@@ -58,6 +60,10 @@ def _extractor(**params) -> FeatureExtractor:
     return FeatureExtractor(**{**TINY, "layers": "layer3", "batch_size": 4, **params})
 
 
+def _extract(files, extractor, out, client) -> dict:
+    return sd.extract(files, extractor, out, client=client, partition_size=PARTITION)
+
+
 def _reference(files) -> np.ndarray:
     return _extractor().fit(files).transform(files)
 
@@ -69,7 +75,6 @@ def _same_rows(actual, expected) -> None:
 
 
 def test_without_a_client_the_partitions_run_here(files, tmp_path):
-    # First in this file: the module's cluster, once made, is the current client.
     assert sd._client(None) is None
     manifest = sd.extract(files, _extractor(), tmp_path / "out", partition_size=8)
     _same_rows(sd.load_features(tmp_path / "out"), _reference(files))
@@ -78,7 +83,7 @@ def test_without_a_client_the_partitions_run_here(files, tmp_path):
 
 def test_extract_on_the_cluster_equals_transform_row_for_row(client, files, tmp_path):
     out = tmp_path / "out"
-    manifest = sd.extract(files, _extractor(), out, partition_size=PARTITION)
+    manifest = _extract(files, _extractor(), out, client)
 
     features = sd.load_features(out)
     assert isinstance(features, np.memmap) and features.dtype == np.float32
@@ -97,12 +102,20 @@ def test_extract_on_the_cluster_equals_transform_row_for_row(client, files, tmp_
     assert isinstance(sd.load_features(out, mmap_mode=None), np.ndarray)
 
 
+def test_the_current_client_is_used_when_none_is_given(client, files, tmp_path):
+    with client.as_current():
+        manifest = sd.extract(files, _extractor(), tmp_path, partition_size=10)
+    assert manifest["computed"] == ["part-00000", "part-00001"]
+    _same_rows(sd.load_features(tmp_path), _reference(files))
+    assert sd._client(None) is None  # outside the block, the partitions would run here
+
+
 def test_a_second_run_computes_only_missing_damaged_or_changed_partitions(client, files,
                                                                            tmp_path):
     out = tmp_path / "out"
     extractor = _extractor()
-    sd.extract(files, extractor, out, partition_size=PARTITION)
-    assert sd.extract(files, extractor, out, partition_size=PARTITION)["computed"] == []
+    _extract(files, extractor, out, client)
+    assert _extract(files, extractor, out, client)["computed"] == []
 
     (out / "part-00000.npy").unlink()  # missing
     with open(out / "part-00002.npy", "r+b") as handle:  # damaged
@@ -110,7 +123,7 @@ def test_a_second_run_computes_only_missing_damaged_or_changed_partitions(client
         handle.write(b"\xff\xff")
     Image.fromarray(np.zeros((36, 40, 3), np.uint8)).save(files[19])  # an image changed
     (out / "features.npy").unlink()
-    manifest = sd.extract(files, extractor, out, partition_size=PARTITION)
+    manifest = _extract(files, extractor, out, client)
 
     assert manifest["computed"] == ["part-00000", "part-00002", "part-00003"]
     _same_rows(sd.load_features(out), _reference(files))
@@ -118,8 +131,8 @@ def test_a_second_run_computes_only_missing_damaged_or_changed_partitions(client
 
 def test_other_settings_start_over(client, files, tmp_path):
     out = tmp_path / "out"
-    sd.extract(files, _extractor(), out, partition_size=PARTITION)
-    manifest = sd.extract(files, _extractor(pooling="max"), out, partition_size=PARTITION)
+    _extract(files, _extractor(), out, client)
+    manifest = _extract(files, _extractor(pooling="max"), out, client)
     assert len(manifest["computed"]) == 4
     expected = _extractor(pooling="max").fit(files).transform(files)
     _same_rows(sd.load_features(out), expected)
@@ -153,7 +166,7 @@ def test_a_worker_killed_mid_partition_loses_only_that_partition(client, files, 
                                                r"part-0000\d \(images \d+ to \d+: .*\.png.*"
                                                r"KilledWorker.*The (\d) complete partitions "
                                                r"are kept") as caught:
-            sd.extract(files, extractor, out, partition_size=PARTITION)
+            _extract(files, extractor, out, client)
     finally:
         scheduler.allowed_failures = allowed
     # The partitions the dead worker held (the one it ran, and any queued on it) failed.
@@ -164,7 +177,7 @@ def test_a_worker_killed_mid_partition_loses_only_that_partition(client, files, 
     assert not (out / "features.npy").exists()
 
     client.wait_for_workers(2, timeout=60)  # the nanny restarts the dead worker
-    manifest = sd.extract(files, extractor, out, partition_size=PARTITION)
+    manifest = _extract(files, extractor, out, client)
     assert manifest["computed"] == sorted({f"part-0000{i}" for i in range(4)} - set(complete))
     rows = [row for p in manifest["partitions"] for row in range(p["start"], p["stop"])]
     assert rows == list(range(N_IMAGES))  # nothing lost, nothing twice
@@ -176,9 +189,9 @@ def test_an_unreadable_image_fails_its_partition_naming_the_file(client, files, 
     Path(files[13]).write_bytes(b"not a png")
     with pytest.raises(ValueError, match=r"1 of 4 partitions failed; the first, part-00002 "
                                          r"\(images 12 to 17.*13\.png"):
-        sd.extract(files, _extractor(), out, partition_size=PARTITION)
+        _extract(files, _extractor(), out, client)
 
-    manifest = sd.extract(files, _extractor(on_error="skip"), out, partition_size=PARTITION)
+    manifest = _extract(files, _extractor(on_error="skip"), out, client)
     features = sd.load_features(out)
     assert np.isnan(features[13]).all() and not np.isnan(np.delete(features, 13, 0)).any()
     [(row, path, message)] = manifest["skipped"]
@@ -211,11 +224,11 @@ def _count_network_images(log: str) -> None:
     FeatureRuntime.summaries = summaries
 
 
-def _search(X, y, cache, backend: str) -> GridSearchCV:
+def _search(X, y, cache, backend: str, **options) -> GridSearchCV:
     pipe = make_pipeline(_extractor(cache=cache), LogisticRegression(max_iter=500))
     grid = {"featureextractor__pooling": ["avg", "max"],
             "logisticregression__C": [0.01, 1.0, 100.0]}
-    with joblib.parallel_backend(backend, n_jobs=2):
+    with joblib.parallel_backend(backend, n_jobs=2, **options):
         return GridSearchCV(pipe, grid, cv=3).fit(X, y)
 
 
@@ -226,7 +239,7 @@ def test_grid_search_on_the_cluster_matches_loky_and_runs_each_image_once(
     log = tmp_path / "network.log"
     client.run(_count_network_images, str(log))
 
-    on_dask = _search(X, y, tmp_path / "dask-cache", "dask")
+    on_dask = _search(X, y, tmp_path / "dask-cache", "dask", client=client)
     local = _search(X, y, tmp_path / "loky-cache", "loky")
 
     assert on_dask.best_params_ == local.best_params_

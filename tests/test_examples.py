@@ -21,6 +21,12 @@ EXPECTED = {
     "image_folder.py": (r"4-fold accuracy: ([\d.]+)", 0.55),
     "custom_backbone.py": (r"test accuracy ([\d.]+)", 0.85),
     "compare_heads.py": (r"SVC \(RBF\)\s+balanced accuracy ([\d.]+)", 0.55),
+    "distributed_search.py": (r"held-out balanced accuracy: ([\d.]+)", 0.60),
+}
+
+# Lines a script must print as they are.
+LINES = {
+    "distributed_search.py": "same best_params_ on the cluster and here: True",
 }
 
 
@@ -47,6 +53,8 @@ def test_example_runs(script, capsys):
     stdout = capsys.readouterr().out
     pattern, least = EXPECTED[script]
     assert _number(pattern, stdout) >= least, stdout
+    if script in LINES:
+        assert LINES[script] in stdout.splitlines(), stdout
     if script in BEATS:
         better, worse, margin = BEATS[script]
         assert _number(better, stdout) > _number(worse, stdout) + margin, stdout
