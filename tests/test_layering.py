@@ -45,6 +45,7 @@ ALLOWED = {
     "skt.cli": _CORE | {"skt", "skt.images", "skt.backbones", "skt.cache", "skt.extractor",
                         "skt.bench", "skt.distributed"},
     "skt.distributed": _CORE | {"skt.extractor"},
+    "skt.da": _CORE,
     "skt.train": _CORE | {"skt", "skt.images", "skt.finetune", "skt.persist"},
     "skt.persist": _CORE | {"skt._base", "skt.images", "skt.backbones", "skt.pooling",
                             "skt.cache", "skt.extractor", "skt.finetune"},
@@ -126,9 +127,11 @@ import sys
 import skt
 heavy = ("torch", "sklearn", "matplotlib", "skt.bench", "skt.extractor")
 print(sorted(m for m in heavy if m in sys.modules))
-skt.FeatureExtractor
+skt.FeatureExtractor, skt.FineTuneClassifier
 print("skt.extractor" in sys.modules, "skt.bench" in sys.modules)
+print(sorted(m for m in ("skada", "skorch", "dask", "distributed") if m in sys.modules))
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
-    assert result.stdout.split("\n")[:2] == ["[]", "True False"]
+    # the optional extras (skt[da], skt[dask]) load only when their modules are used
+    assert result.stdout.split("\n")[:3] == ["[]", "True False", "[]"]
