@@ -44,8 +44,10 @@ from skt.training import (
     TrunkStore,
     WeightAverage,
     load_checkpoint,
+    make_domain_classifier,
     read_checkpoint,
     record_head_input,
+    require_skada,
 )
 from skt.training._distributed import all_gather, broadcast, join_process_group
 
@@ -95,6 +97,84 @@ def _check_label_values(labels: np.ndarray) -> None:
                 f"y mixes strings and numbers (y[{first}] = {labels[first]!r}, y[{other}] = "
                 f"{labels[other]!r}); class labels must be all strings or all numbers. Convert "
                 "them first, e.g. y = [str(label) for label in y].")
+
+
+# What early stopping watches for each ``scoring``: a history column, and whether lower is better.
+_MONITORS = {"accuracy": ("valid_score", False), "loss": ("valid_loss", True),
+             "target_entropy": ("target_entropy", True)}
+
+_DOMAINS = ("positive for labelled source images, negative for unlabelled target images, "
+            "as in skada")
+
+
+def _plain(value):
+    """A NumPy scalar as the Python value it holds, for error messages."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _check_domains(sample_domain, n_images: int) -> np.ndarray:
+    """``sample_domain`` as int64, refused unless it is one non-zero integer per image."""
+    domains = np.asarray(sample_domain)
+    if domains.ndim != 1:
+        raise ValueError(f"sample_domain must be one domain per image, a list or a 1-D array; "
+                         f"got an array of shape {domains.shape}.")
+    if len(domains) != n_images:
+        raise ValueError(f"X has {n_images} images but sample_domain has {len(domains)} "
+                         f"entries; pass one domain per image ({_DOMAINS}).")
+    if domains.dtype.kind in "iu":
+        bad = np.flatnonzero(domains == 0)
+    else:
+        bad = np.flatnonzero([isinstance(d, bool | np.bool_) or not isinstance(d, Real)
+                              or not np.isfinite(d) or d != int(d) or d == 0
+                              for d in domains.tolist()])
+    if len(bad):
+        raise ValueError(f"sample_domain must hold non-zero integers ({_DOMAINS}), but "
+                         f"sample_domain[{bad[0]}] = {_plain(domains[bad[0]])!r}.")
+    return domains.astype(np.int64)
+
+
+def _is_mask(label) -> bool:
+    """skada's mask for an unlabelled target image: -1, as a number or a string."""
+    if isinstance(label, str | bytes):
+        return label in ("-1", b"-1")
+    return isinstance(label, Real) and not isinstance(label, bool | np.bool_) and label == -1
+
+
+def _masks(labels: np.ndarray) -> np.ndarray:
+    if labels.dtype.kind in "iuf":
+        return labels == -1
+    return np.array([_is_mask(label) for label in labels.tolist()], dtype=bool)
+
+
+def _digest(values: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(values, dtype=np.int64).tobytes(),
+                           digest_size=16).hexdigest()
+
+
+def _check_masks(labels: np.ndarray, source: np.ndarray) -> None:
+    """Target labels must be skada's mask, -1, and source labels must not."""
+    is_source = np.zeros(len(labels), dtype=bool)
+    is_source[source] = True
+    masked = _masks(labels)
+    labelled = np.flatnonzero(~is_source & ~masked)
+    if len(labelled):
+        first = labelled[0]
+        raise ValueError(
+            f"y labels {len(labelled)} target image(s) (sample_domain < 0), e.g. y[{first}] = "
+            f"{_plain(labels[first])!r}; domain adaptation learns without target labels. Mask "
+            "them with -1, as skada does: y[sample_domain < 0] = -1.")
+    unlabelled = np.flatnonzero(is_source & masked)
+    if len(unlabelled):
+        first = unlabelled[0]
+        raise ValueError(
+            f"y[{first}] = -1 for a source image (sample_domain[{first}] > 0), but -1 marks an "
+            "unlabelled target image (skada's mask). Label every source image, or give the "
+            "unlabelled ones a negative sample_domain.")
+
+
+def _derived_seed(seed: int, stream: int) -> int:
+    """An independent seed for another random stream of the same fit."""
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
 
 
 def _no_classifier(backbone) -> ValueError:
@@ -156,6 +236,42 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
     fitted classifier is the same on every process, a plain network on the
     CPU that predicts in a single process. ``python -m skt.train`` fits one
     from an image folder (:mod:`skt.train`).
+
+    **Source and target domains.** ``fit(X, y, sample_domain=...)`` follows
+    skada's convention: one non-zero integer per image, positive for a
+    labelled source domain, negative for an unlabelled target domain, whose
+    labels in ``y`` are masked with -1 (several domains of a kind are
+    pooled). With ``domain_adaptation``, each training step runs a batch of
+    source images and a batch of as many target images (shuffled and
+    augmented alike; a new pass over the target images starts each epoch,
+    and whenever one ends) through the network together, as one batch, and
+    adds ``adaptation_strength`` times an alignment loss between their
+    penultimate features (the classifier's input) to the source loss:
+    ``"coral"`` is Deep CORAL (Sun & Saenko, 2016), which matches the two
+    batches' feature covariances; ``"dann"`` is DANN (Ganin et al., 2016):
+    a domain classifier (Linear-ReLU-Linear, trained at the head's learning
+    rate) learns to tell the batches apart while, through a gradient
+    reversal layer, the network learns features it cannot tell apart; the
+    reversal's coefficient ramps as ``2 / (1 + exp(-10 p)) - 1`` over the
+    fit's progress ``p`` from 0 to 1, as Ganin et al. do. The losses are
+    skada's (``pip install "skt[da]"``). The domain classifier is dropped
+    after ``fit``: ``model_`` stays a plain classifier and ``predict``
+    takes images alone. Without ``domain_adaptation``, ``sample_domain``
+    only picks the source images to train on (skada's "source only"
+    baseline); the target images then serve ``scoring="target_entropy"``
+    alone. Early stopping holds out a share of the source images, and
+    records each epoch's ``valid_loss`` and the mean prediction entropy on
+    the target images (``target_entropy``), which ``scoring`` may choose:
+    with no target labels, lower entropy (more confident target
+    predictions) is the usual proxy. The frozen stages are computed once
+    for target images as for source images. Across processes, each process
+    aligns its piece of the source batch with its piece of the target
+    batch, so that CORAL's covariances are those of the pieces.
+    ``sample_domain`` is requested by default in scikit-learn's metadata
+    routing, so that with ``sklearn.set_config(enable_metadata_routing=True)``
+    a ``Pipeline``, ``GridSearchCV`` or skada's ``make_da_pipeline`` passes
+    it on to ``fit`` (importing skada, which a domain-adaptation fit does,
+    turns routing on, as skada always does).
 
     Parameters
     ----------
@@ -278,11 +394,28 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         ``average_epochs`` epochs (stochastic weight averaging over epochs;
         the :class:`skt.training.WeightAverage` callback), instead of the
         last epoch's. With early stopping, the best epoch's weights win.
+    domain_adaptation : {None, "coral", "dann"}, default=None
+        Adapt the backbone to the target images of ``sample_domain`` (see
+        "Source and target domains" above) with Deep CORAL or DANN; None
+        trains on the source images alone. Needs ``sample_domain`` and
+        skada (``pip install "skt[da]"``).
+    adaptation_strength : float, default=1.0
+        Weight of the alignment loss added to the source loss. For DANN, the
+        features thus receive ``-adaptation_strength * lambda_p`` times the
+        domain loss's gradient (Ganin et al.'s ``lambda``). CORAL's loss is
+        divided by ``4 d^2`` for ``d`` features, and is often small: compare
+        ``adaptation_loss`` with ``train_loss`` in ``history_`` when choosing
+        it.
     early_stopping : bool, default=False
-        Hold out ``validation_fraction`` of the images (stratified), score
-        accuracy after each epoch, stop after ``n_iter_no_change`` epochs
-        without improvement and restore the best epoch's weights (the
-        :class:`skt.training.EarlyStopping` callback).
+        Hold out ``validation_fraction`` of the (source) images, stratified,
+        score them after each epoch, stop after ``n_iter_no_change`` epochs
+        without improvement of ``scoring`` and restore the best epoch's
+        weights (the :class:`skt.training.EarlyStopping` callback).
+    scoring : {"accuracy", "loss", "target_entropy"}, default="accuracy"
+        What early stopping watches: accuracy or cross-entropy on the
+        held-out images, or the mean prediction entropy on the target
+        images of ``sample_domain`` (lower is better; no target label
+        needed). Used only with ``early_stopping=True``.
     validation_fraction : float, default=0.1
         Share of images held out for early stopping.
     n_iter_no_change : int, default=3
@@ -342,11 +475,17 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         Mean training loss (regulariser included) of each epoch.
     history_ : list of dict
         One row per epoch, over all ``warm_start`` fits: ``epoch``,
-        ``train_loss``, ``valid_score`` and what callbacks added.
+        ``train_loss``, ``valid_score`` (validation accuracy), with early
+        stopping ``valid_loss`` (mean cross-entropy on the held-out images)
+        and, given target images, ``target_entropy``; with domain
+        adaptation, ``adaptation_loss`` (the epoch's mean alignment loss,
+        before ``adaptation_strength``); and what callbacks added.
     validation_scores_ : list of float or None
-        Validation accuracy of each epoch; None without early stopping.
+        What ``scoring`` measured after each epoch (validation accuracy by
+        default); None without early stopping.
     best_validation_score_ : float or None
-        Best validation accuracy; None without early stopping.
+        Its best value (the highest accuracy, or the lowest loss or
+        entropy); None without early stopping.
     best_iteration_ : int or None
         Epoch (counted from 1) whose weights were kept; None without early
         stopping.
@@ -396,7 +535,10 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         "beta": [Interval(Real, 0, None, closed="left")],
         "head_init": [StrOptions({"random", "linear_probe"})],
         "average_epochs": [Interval(Integral, 1, None, closed="left"), None],
+        "domain_adaptation": [StrOptions({"coral", "dann"}), None],
+        "adaptation_strength": [Interval(Real, 0, None, closed="left")],
         "early_stopping": ["boolean"],
+        "scoring": [StrOptions({"accuracy", "loss", "target_entropy"})],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
         "warm_start": ["boolean"],
@@ -404,6 +546,9 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         "callbacks": [list, tuple, None],
     }
     _runtime_attributes: ClassVar[tuple[str, ...]] = ("_runtime",)
+    # Requested by default, as skada's estimators do: routing passes it on without
+    # set_fit_request(sample_domain=True).
+    __metadata_request__fit: ClassVar[dict] = {"sample_domain": True}
 
     def __init__(
         self,
@@ -433,7 +578,10 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         beta=0.01,
         head_init="random",
         average_epochs=None,
+        domain_adaptation=None,
+        adaptation_strength=1.0,
         early_stopping=False,
+        scoring="accuracy",
         validation_fraction=0.1,
         n_iter_no_change=3,
         warm_start=False,
@@ -469,7 +617,10 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         self.beta = beta
         self.head_init = head_init
         self.average_epochs = average_epochs
+        self.domain_adaptation = domain_adaptation
+        self.adaptation_strength = adaptation_strength
         self.early_stopping = early_stopping
+        self.scoring = scoring
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
         self.warm_start = warm_start
@@ -482,8 +633,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
 
     # ------------------------------------------------------------------ fit
 
-    @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y):
+    def fit(self, X, y, sample_domain=None):
         """Fine-tune the network on images ``X`` with labels ``y``.
 
         Parameters
@@ -492,6 +642,14 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
             File paths, PIL images, arrays or tensors (see :mod:`skt.images`).
         y : array-like of shape (n_samples,)
             Class labels: strings, ints, anything ``LabelEncoder`` accepts.
+            With ``sample_domain``, -1 for every target image (skada's mask),
+            and a class label for every source image; only then is -1 not a
+            class.
+        sample_domain : array-like of shape (n_samples,), optional
+            Non-zero integers: positive for labelled source images, negative
+            for unlabelled target images (skada's convention). The classes
+            are those of the source images. See "Source and target domains"
+            in the class description.
 
         Returns
         -------
@@ -500,22 +658,34 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
 
         Notes
         -----
-        Parameters, ``checkpoint`` and ``y`` are checked before any image is
-        decoded. A fit that fails or is interrupted (an unreadable image,
-        ``KeyboardInterrupt``) changes no fitted attribute: the classifier
-        stays as its last successful fit left it, or unfitted. Its decoding
-        threads and any file of the frozen stages' outputs are gone by then.
+        Parameters, ``checkpoint``, ``y`` and ``sample_domain`` are checked
+        before any image is decoded. A fit that fails or is interrupted (an
+        unreadable image, ``KeyboardInterrupt``) changes no fitted attribute:
+        the classifier stays as its last successful fit left it, or unfitted.
+        Its decoding threads and any file of the frozen stages' outputs are
+        gone by then.
 
         Under ``torchrun`` (or in a process group of several processes),
-        every process calls ``fit`` with the same images and labels; see
-        "Training across processes" in the class description.
+        every process calls ``fit`` with the same images, labels and
+        ``sample_domain``; see "Training across processes" in the class
+        description.
         """
+        if self.domain_adaptation is not None:
+            # Before scikit-learn's fit context, which would undo the metadata routing that
+            # importing skada turns on (and a later ``import skada`` would not turn it on again).
+            require_skada()
+        return self._fit(X, y, sample_domain)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def _fit(self, X, y, sample_domain):
         checkpoint = self._check_checkpoint()
         self._check_regularization()
         user_callbacks = self._check_callbacks()
         folder = self._trunk_folder()
         images = as_image_list(X)
-        labels, classes = self._check_y(y, len(images))
+        domains = self._check_sample_domain(sample_domain, len(images))
+        rows = np.arange(len(images)) if domains is None else np.flatnonzero(domains > 0)
+        labels, classes = self._check_y(y, len(images), None if domains is None else rows)
         device = resolve_device(self.device)
         rank, world, device = join_process_group(device, self.device) or (0, 1, device)
         if self.batch_size < 2 * world:
@@ -528,7 +698,8 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
             raise ValueError(
                 f"warm_start=True continues a fit with classes {self.classes_.tolist()}, but y "
                 f"has classes {classes.tolist()}. Pass the same classes, or warm_start=False.")
-        key, resume, seeds = self._start(checkpoint, images, labels, warm, rank, world)
+        key, resume, seeds = self._start(checkpoint, images, labels, domains, warm, rank,
+                                         world)
         init_seed, loop_seed, split_seed, shuffle_seed = seeds
         if warm:  # the same pretrained network anchors the regularisers
             init_seed = self._init_seed
@@ -538,22 +709,35 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         if backbone.classifier is None:
             raise _no_classifier(self.backbone)
         model = self._build_network(backbone, len(classes), init_seed, warm)
-        train_idx, valid_idx = self._split(labels, split_seed)
+        train_idx, valid_idx = self._split(labels, split_seed, rows)
         generator = torch.Generator().manual_seed(shuffle_seed)
+        shard = None if world == 1 else (rank, world)
         train, valid = self._batches(images, labels, train_idx, valid_idx,
-                                     backbone.preprocessing, generator, folder,
-                                     None if world == 1 else (rank, world))
+                                     backbone.preprocessing, generator, folder, shard)
+        target, target_eval = self._target_batches(images, labels, domains,
+                                                   backbone.preprocessing, shuffle_seed, folder,
+                                                   shard, len(train))
         if world > 1 and not len(train):
             raise ValueError(
                 f"{len(train_idx)} training images make no batch for {world} processes, "
                 "whose pieces of a batch need at least 2 images each. Add images, or train "
                 "in fewer processes.")
+        if target is not None and not len(target):
+            n_target = len(target.indices)
+            raise ValueError(
+                f"sample_domain marks {n_target} target image{'s' * (n_target != 1)}, too few "
+                f"for a target batch: domain adaptation needs at least {2 * world}"
+                f"{' (2 per process)' if world > 1 else ''}, for the statistics of the "
+                "alignment loss. Add target images.")
         try:
             state = self.init_state(
                 model, backbone.classifier, backbone.model, backbone.stages, device=device,
                 generator=generator, steps_per_epoch=len(train),
-                class_weight=self._class_weights(classes, labels[train_idx], device))
+                class_weight=self._class_weights(classes, labels[train_idx], device),
+                domain_classifier=self._domain_classifier(model, backbone.classifier,
+                                                          init_seed))
             state.rank, state.world = rank, world
+            state.target_batches, state.target_eval = target, target_eval
             # With several processes rank 0 alone probes the whole split: building the
             # DistributedDataParallel wrapper, before the first step, broadcasts its head.
             if self.head_init == "linear_probe" and not warm and resume is None and rank == 0:
@@ -563,14 +747,15 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
             state.callbacks = self._make_callbacks(user_callbacks, checkpoint, key, seeds, rank)
             self._train(state, train, valid, loop_seed, resume)
         finally:  # also when training fails: no trunk file or kept images outlive the fit
-            for batches in (train, valid):
+            for batches in (train, valid, target, target_eval):
                 if batches is not None:
                     batches.close()
         self._set_fitted(model, classes, backbone, init_seed, state, warm)
         return self
 
-    def _start(self, checkpoint: Path | None, images, labels: np.ndarray, warm: bool,
-               rank: int, world: int) -> tuple[str | None, dict | None, list[int]]:
+    def _start(self, checkpoint: Path | None, images, labels: np.ndarray,
+               domains: np.ndarray | None, warm: bool, rank: int,
+               world: int) -> tuple[str | None, dict | None, list[int]]:
         """This fit's checkpoint key, the checkpoint to resume from, and its four seeds.
 
         With several processes, rank 0 decides (it alone fingerprints the
@@ -582,7 +767,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         key, resume, seeds, failure = None, None, None, None
         if rank == 0:
             try:
-                key, resume = self._find_checkpoint(checkpoint, images, labels, warm)
+                key, resume = self._find_checkpoint(checkpoint, images, labels, domains, warm)
             except ValueError as exc:  # a damaged checkpoint, say
                 if world == 1:
                     raise
@@ -606,8 +791,8 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         elif resume is not None:
             found = resume["epoch"]
         mine = {"number of images": len(images),
-                "labels": hashlib.blake2b(np.ascontiguousarray(labels, dtype=np.int64)
-                                          .tobytes(), digest_size=16).hexdigest(),
+                "labels": _digest(labels),
+                "sample_domain": None if domains is None else _digest(domains),
                 "warm_start network": fingerprint_module(self.model_) if warm else None,
                 "checkpoint epoch": found}
         every = all_gather(mine)
@@ -616,8 +801,9 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
             seen = ", ".join(f"rank {r}: {row[differ[0]]!r}" for r, row in enumerate(every))
             raise ValueError(
                 f"The {world} processes training together differ in their {differ[0]} "
-                f"({seen}). Every process must call fit with the same images and labels, and "
-                "see the same checkpoint file: put it on a filesystem they share.")
+                f"({seen}). Every process must call fit with the same images, labels and "
+                "sample_domain, and see the same checkpoint file: put it on a filesystem they "
+                "share.")
         return key, resume, seeds
 
     def _build_network(self, backbone: Backbone, n_classes: int, seed: int,
@@ -643,6 +829,39 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
             images, labels, valid_idx, config, self.batch_size, num_workers=workers, **store)
         return train, valid
 
+    def _target_batches(self, images, labels, domains, config, seed: int, folder, shard,
+                        steps: int) -> tuple[ImageBatches | None, ImageBatches | None]:
+        """Shuffled target batches for the alignment loss, and every target image in order
+        for ``target_entropy``; each None where nothing needs it.
+
+        The target batches draw their order and augmentation from a generator
+        of their own, derived from ``seed``: the source batches are those of
+        a fit without domain adaptation.
+        """
+        rows = np.zeros(0, dtype=np.int64) if domains is None else np.flatnonzero(domains < 0)
+        if not len(rows):
+            return None, None
+        workers = resolve_num_workers(self.num_workers)
+        store = {"store": self.frozen_cache or "auto", "folder": folder, "shard": shard}
+        target = None
+        if self.domain_adaptation is not None:
+            generator = torch.Generator().manual_seed(_derived_seed(seed, 1))
+            target = ImageBatches(images, labels, rows, config, self.batch_size,
+                                  augment=self.augment, shuffle=True, num_workers=workers,
+                                  generator=generator, max_epochs=self.max_iter, **store)
+            if len(target):  # the passes over the target images in the fit, for the trunk store
+                target.max_epochs = self.max_iter * -(-steps // len(target))
+        scored = None if not self.early_stopping else ImageBatches(
+            images, labels, rows, config, self.batch_size, num_workers=workers, **store)
+        return target, scored
+
+    def _domain_classifier(self, model: nn.Module, head: str, seed: int) -> nn.Module | None:
+        """DANN's domain classifier on the head's input, from a seed of its own; else None."""
+        if self.domain_adaptation != "dann":
+            return None
+        return make_domain_classifier(model.get_submodule(head).in_features,
+                                      _derived_seed(seed, 2))
+
     def _check_callbacks(self) -> list[Callback]:
         callbacks = list(self.callbacks or ())
         for callback in callbacks:
@@ -667,7 +886,9 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         if self.average_epochs is not None:
             callbacks.append(WeightAverage(epochs=self.average_epochs))
         if self.early_stopping:  # after the average: the best epoch's weights win
-            callbacks.append(EarlyStopping(patience=self.n_iter_no_change))
+            monitor, lower_is_better = _MONITORS[self.scoring]
+            callbacks.append(EarlyStopping(patience=self.n_iter_no_change, monitor=monitor,
+                                           lower_is_better=lower_is_better))
         callbacks += [copy.deepcopy(callback) for callback in user]
         if key is not None and rank == 0:
             callbacks.append(Checkpoint(checkpoint, key=key, seeds=seeds))
@@ -689,11 +910,50 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
                 module.momentum = momentum
             model.requires_grad_(True)
 
-    def _check_y(self, y, n_images: int) -> tuple[np.ndarray, np.ndarray]:
+    def _check_sample_domain(self, sample_domain, n_images: int) -> np.ndarray | None:
+        """``sample_domain`` checked against what the parameters need.
+
+        None without ``sample_domain``. Target images are needed by domain
+        adaptation and by early stopping on ``target_entropy``; otherwise a
+        fit on source images alone may have none.
+        """
+        entropy = self.early_stopping and self.scoring == "target_entropy"
+        if sample_domain is None:
+            if self.domain_adaptation is not None:
+                raise ValueError(
+                    f"domain_adaptation={self.domain_adaptation!r} aligns source and target "
+                    f"images, but fit got no sample_domain. Pass sample_domain ({_DOMAINS}), "
+                    "or domain_adaptation=None.")
+            if entropy:
+                raise ValueError(
+                    "scoring='target_entropy' scores predictions on target images, but fit "
+                    f"got no sample_domain. Pass sample_domain ({_DOMAINS}), or another "
+                    "scoring.")
+            return None
+        domains = _check_domains(sample_domain, n_images)
+        if not (domains > 0).any():
+            raise ValueError(
+                "sample_domain marks no source image (none is positive); the classifier learns "
+                "from labelled source images. Give them a positive domain, e.g. 1, and the "
+                "unlabelled target images a negative one, e.g. -2.")
+        if (self.domain_adaptation is not None or entropy) and not (domains < 0).any():
+            need = ("domain_adaptation=" + repr(self.domain_adaptation)
+                    if self.domain_adaptation is not None else "scoring='target_entropy'")
+            raise ValueError(
+                f"sample_domain marks no target image (none is negative), which {need} "
+                "needs. Give the unlabelled target images a negative domain, e.g. -2 (with "
+                "y = -1), or fit without it.")
+        return domains
+
+    def _check_y(self, y, n_images: int,
+                 source: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``y`` encoded as 0..n_classes-1, and the classes; every error names ``y``.
 
         scikit-learn's own checks decide what is a label vector; their
         messages are kept, after a sentence saying what ``y`` should be.
+        With ``source`` (the positions of the source images), every other
+        label must be skada's mask, -1; the classes are those of the source
+        images, and the other positions are encoded as -1.
         """
         if y is None:
             raise ValueError("FineTuneClassifier.fit needs y, one class label per image.")
@@ -705,8 +965,11 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         if len(labels) != n_images:
             raise ValueError(f"X has {n_images} images but y has {len(labels)} labels; pass one "
                              "label per image.")
-        _check_label_values(labels if isinstance(y, np.ndarray) else
-                            np.asarray(y, dtype=object).ravel())
+        given = labels if isinstance(y, np.ndarray) else np.asarray(y, dtype=object).ravel()
+        if source is not None:
+            _check_masks(given, source)
+            labels, given = labels[source], given[source]
+        _check_label_values(given)
         try:
             check_classification_targets(labels)
         except ValueError as exc:
@@ -722,7 +985,11 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         if len(encoder.classes_) < 2:
             raise ValueError(f"y has a single class ({encoder.classes_[0].item()!r}); a classifier "
                              "needs images of at least two classes.")
-        return encoder.transform(labels), encoder.classes_
+        if source is None:
+            return encoder.transform(labels), encoder.classes_
+        encoded = np.full(n_images, -1, dtype=np.int64)
+        encoded[source] = encoder.transform(labels)
+        return encoded, encoder.classes_
 
     def _check_regularization(self) -> None:
         if self.regularization == "lwf" and self.alpha is not None and self.alpha > 1:
@@ -730,18 +997,20 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
                              "alpha * L_source + (1 - alpha) * L_target, so alpha must be "
                              "in [0, 1].")
 
-    def _split(self, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
-        everything = np.arange(len(labels))
+    def _split(self, labels: np.ndarray, seed: int,
+               rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Training and validation positions among ``rows`` (the source images)."""
         if not self.early_stopping:
-            return everything, None
+            return rows, None
         try:
-            train, valid = train_test_split(everything, test_size=self.validation_fraction,
-                                            stratify=labels, random_state=seed)
+            train, valid = train_test_split(rows, test_size=self.validation_fraction,
+                                            stratify=labels[rows], random_state=seed)
         except ValueError as exc:
             raise ValueError(
                 f"early_stopping=True holds out validation_fraction={self.validation_fraction} "
-                f"of the {len(labels)} images, stratified by class, which failed: {exc} "
-                "Raise validation_fraction, add images, or set early_stopping=False.") from exc
+                f"of the {len(rows)} {'source ' if len(rows) < len(labels) else ''}images, "
+                f"stratified by class, which failed: {exc} Raise validation_fraction, add "
+                "images, or set early_stopping=False.") from exc
         return np.sort(train), np.sort(valid)
 
     def _frozen_features(self, images, indices, seed: int) -> np.ndarray:
@@ -792,13 +1061,17 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
                                        y=classes[train_labels])
         return torch.as_tensor(weights, dtype=torch.float32, device=device)
 
-    def _checkpoint_key(self, images, labels: np.ndarray, start: nn.Module | None) -> str:
+    def _checkpoint_key(self, images, labels: np.ndarray, domains: np.ndarray | None,
+                        start: nn.Module | None) -> str:
         params = {name: _describe_param(value)
                   for name, value in self.get_params(deep=False).items()
                   if name not in _RUNTIME_PARAMS}
         digest = hashlib.blake2b(digest_size=16)
         digest.update(json.dumps(params, sort_keys=True).encode())
         digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+        if domains is not None:  # another split into source and target is another fit
+            digest.update(b"sample_domain")
+            digest.update(np.ascontiguousarray(domains, dtype=np.int64).tobytes())
         for i in range(len(images)):
             digest.update(fingerprint(images[i]).encode())
         if start is not None:
@@ -859,18 +1132,18 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
                              f"file in skt's cache folder: {exc.strerror} {advice}") from exc
         return folder
 
-    def _find_checkpoint(self, path: Path | None, images, labels,
+    def _find_checkpoint(self, path: Path | None, images, labels, domains,
                          warm: bool) -> tuple[str | None, dict | None]:
         """This fit's checkpoint key, and the checkpoint to resume from if there is one."""
         if path is None:
             return None, None
-        key = self._checkpoint_key(images, labels, self.model_ if warm else None)
+        key = self._checkpoint_key(images, labels, domains, self.model_ if warm else None)
         payload = read_checkpoint(path)
         if payload is None or payload["key"] == key:
             return key, payload
         warnings.warn(
             f"checkpoint={str(path)!r} was written by a fit with other "
-            "parameters, images or labels; it will be overwritten by this fit.",
+            "parameters, images, labels or domains; it will be overwritten by this fit.",
             UserWarning, stacklevel=3)
         return key, None
 
@@ -888,8 +1161,8 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         self.loss_curve_ = [row["train_loss"] for row in self.history_]
         stopper = next((c for c in state.callbacks if isinstance(c, EarlyStopping)), None)
         if self.early_stopping and stopper is not None:
-            self.validation_scores_ = [row["valid_score"] for row in self.history_
-                                       if row["valid_score"] is not None]
+            self.validation_scores_ = [row[stopper.monitor] for row in self.history_
+                                       if row.get(stopper.monitor) is not None]
             self.best_validation_score_ = stopper.best_score
             self.best_iteration_ = (None if stopper.best_epoch is None
                                     else previous + stopper.best_epoch)

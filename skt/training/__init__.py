@@ -12,9 +12,23 @@ This is the extension point of :class:`skt.FineTuneClassifier`:
   :func:`l2sp_penalty`, :func:`distillation_loss`, :class:`ImageBatches`,
   :func:`split_network` with :class:`Trunk` and :class:`TrunkStore` (the
   frozen stages computed once per image and view) and the checkpoint
-  files: the parts, usable on their own.
+  files: the parts, usable on their own;
+- :func:`coral_loss`, :func:`dann_loss` with :func:`make_domain_classifier`
+  and :func:`dann_coefficient`, :func:`prediction_entropy` and
+  :func:`cycle_batches`: unsupervised domain adaptation of the backbone
+  (skada is imported only when a loss is computed).
 """
 
+from skt.training._adaptation import (
+    DOMAIN_CLASSIFIER_WIDTH,
+    coral_loss,
+    cycle_batches,
+    dann_coefficient,
+    dann_loss,
+    make_domain_classifier,
+    prediction_entropy,
+    require_skada,
+)
 from skt.training._callbacks import (
     Callback,
     Checkpoint,
@@ -53,6 +67,7 @@ __all__ = [
     "CACHE_BYTES",
     "CHECKPOINT_FORMAT",
     "DEFAULT_ALPHA",
+    "DOMAIN_CLASSIFIER_WIDTH",
     "LWF_TEMPERATURE",
     "MEMORY_BYTES",
     "Callback",
@@ -69,16 +84,23 @@ __all__ = [
     "WeightAverage",
     "auto_frozen_stages",
     "backbone_parameters",
+    "coral_loss",
+    "cycle_batches",
+    "dann_coefficient",
+    "dann_loss",
     "distillation_loss",
     "fixed_statistics",
     "l2sp_penalty",
     "load_checkpoint",
+    "make_domain_classifier",
     "make_freeze_plan",
     "make_optimizer",
     "make_scheduler",
     "matches",
+    "prediction_entropy",
     "read_checkpoint",
     "record_head_input",
+    "require_skada",
     "save_checkpoint",
     "split_network",
 ]

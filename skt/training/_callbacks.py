@@ -76,7 +76,9 @@ class ProgressBar(Callback):
     validation score. When the stream is not a terminal (a CI log, ``make
     demo > log``) a bar's carriage-return updates would fill the file, so
     each epoch prints one line instead:
-    ``epoch 2/10: loss 0.3127, val_score 0.8600 (41.2 s)``.
+    ``epoch 2/10: loss 0.3127, val_score 0.8600 (41.2 s)``. Domain
+    adaptation adds ``adapt_loss`` and, with a validation split,
+    ``target_entropy``.
 
     Parameters
     ----------
@@ -112,6 +114,9 @@ class ProgressBar(Callback):
         shown = {"loss": f"{row['train_loss']:.4f}"}
         if row.get("valid_score") is not None:
             shown["val_score"] = f"{row['valid_score']:.4f}"
+        for key, name in (("adaptation_loss", "adapt_loss"), ("target_entropy", "target_entropy")):
+            if row.get(key) is not None:  # domain adaptation
+                shown[name] = f"{row[key]:.4f}"
         if self._bar is not None:
             self._bar.set_postfix(shown)
             self._close()
@@ -130,29 +135,39 @@ class ProgressBar(Callback):
 
 
 class EarlyStopping(Callback):
-    """Stop when the validation score has not improved for ``patience`` epochs.
+    """Stop when the monitored value has not improved for ``patience`` epochs.
 
-    Reads ``valid_score`` from ``state.history`` (higher is better). With
-    ``restore_best`` the network ends with the weights of its best epoch.
+    Reads ``monitor`` from the rows of ``state.history`` (epochs without it
+    are ignored). With ``restore_best`` the network ends with the weights
+    of its best epoch.
 
     Parameters
     ----------
     patience : int, default=3
-        Epochs without a better score before stopping.
+        Epochs without a better value before stopping.
     restore_best : bool, default=True
         Load the best epoch's weights when training ends.
+    monitor : str, default="valid_score"
+        The history column to watch: ``"valid_score"`` (validation
+        accuracy), ``"valid_loss"``, ``"target_entropy"``, or one a callback
+        adds.
+    lower_is_better : bool, default=False
+        True for a loss or an entropy.
 
     Attributes
     ----------
     best_score : float or None
-        Best validation score so far.
+        Best value so far.
     best_epoch : int or None
         Its epoch, counted from 1.
     """
 
-    def __init__(self, patience: int = 3, restore_best: bool = True) -> None:
+    def __init__(self, patience: int = 3, restore_best: bool = True,
+                 monitor: str = "valid_score", lower_is_better: bool = False) -> None:
         self.patience = patience
         self.restore_best = restore_best
+        self.monitor = monitor
+        self.lower_is_better = lower_is_better
         self.best_score: float | None = None
         self.best_epoch: int | None = None
         self._best_weights: dict | None = None
@@ -164,10 +179,11 @@ class EarlyStopping(Callback):
                                   "best_weights": None, "waited": 0})
 
     def on_epoch_end(self, estimator: Any, state: TrainingState) -> None:
-        score = state.history[-1].get("valid_score")
+        score = state.history[-1].get(self.monitor)
         if score is None:
             return
-        if self.best_score is None or score > self.best_score:
+        if self.best_score is None or (score < self.best_score if self.lower_is_better
+                                       else score > self.best_score):
             self.best_score, self.best_epoch, self._waited = score, state.epoch, 0
             self._best_weights = {name: value.detach().cpu().clone()
                                   for name, value in state.model.state_dict().items()}

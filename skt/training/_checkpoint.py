@@ -33,8 +33,15 @@ def _digest(data: bytes | memoryview) -> str:
     return hashlib.blake2b(data, digest_size=32).hexdigest()
 
 
+def _target_generator(state: TrainingState) -> torch.Generator | None:
+    """What shuffles and augments the target batches of domain adaptation, if anything."""
+    return getattr(state.target_batches, "generator", None)
+
+
 def _rng_state(state: TrainingState) -> dict:
     rng = {"torch": torch.get_rng_state(), "generator": state.generator.get_state()}
+    if _target_generator(state) is not None:
+        rng["target"] = _target_generator(state).get_state()
     if state.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(state.device)
     return rng
@@ -52,6 +59,8 @@ def save_checkpoint(path: str | os.PathLike, state: TrainingState, **identity: A
         "epoch": state.epoch,
         "model": state.model.state_dict(),
         "source_head": None if state.source_head is None else state.source_head.state_dict(),
+        "domain_classifier": (None if state.domain_classifier is None
+                              else state.domain_classifier.state_dict()),
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
         "rng": _rng_state(state),
@@ -125,10 +134,14 @@ def load_checkpoint(state: TrainingState, payload: dict) -> None:
     state.model.load_state_dict(payload["model"])
     if state.source_head is not None:
         state.source_head.load_state_dict(payload["source_head"])
+    if state.domain_classifier is not None:
+        state.domain_classifier.load_state_dict(payload["domain_classifier"])
     state.optimizer.load_state_dict(payload["optimizer"])
     state.scheduler.load_state_dict(payload["scheduler"])
     torch.set_rng_state(payload["rng"]["torch"])
     state.generator.set_state(payload["rng"]["generator"])
+    if _target_generator(state) is not None:
+        _target_generator(state).set_state(payload["rng"]["target"])
     if "cuda" in payload["rng"] and state.device.type == "cuda":
         torch.cuda.set_rng_state(payload["rng"]["cuda"], state.device)
     state.epoch = payload["epoch"]

@@ -138,14 +138,18 @@ class _Network(nn.Module):
     DistributedDataParallel reduces the gradients of the module it wraps and
     expects its ``forward`` to be called; the loop sometimes runs only
     :meth:`~skt.training.Trunk.rest`, whose modules are the network's.
-    The source head of learning without forgetting is a submodule too, so
-    its gradients are reduced with the others.
+    The source head of learning without forgetting and DANN's domain
+    classifier are submodules too, so that their gradients are reduced with
+    the others (both run on the recorded penultimate features, outside
+    ``forward``, within the same backward pass).
     """
 
-    def __init__(self, model: nn.Module, source_head: nn.Module | None) -> None:
+    def __init__(self, model: nn.Module, source_head: nn.Module | None,
+                 domain_classifier: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
         self.source_head = source_head
+        self.domain_classifier = domain_classifier
         self.trunk = None
         self.trained: list[int] = []
 
@@ -162,17 +166,19 @@ _NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in 
 
 
 def wrap_network(model: nn.Module, source_head: nn.Module | None, device: torch.device,
-                 previous: DistributedDataParallel | None = None) -> DistributedDataParallel:
-    """DistributedDataParallel around ``model`` (and ``source_head``): ``previous`` if it fits.
+                 previous: DistributedDataParallel | None = None, *,
+                 domain_classifier: nn.Module | None = None) -> DistributedDataParallel:
+    """DistributedDataParallel around ``model`` and its helpers: ``previous`` if it fits.
 
-    DDP registers the parameters that require gradients when it is built,
-    so a new wrapper is built when they are not those ``previous`` reduces
-    (a stage thawed). Building one broadcasts rank 0's parameters and
-    buffers; buffers are not broadcast at each step, since fixed BatchNorm
-    statistics are identical on every rank and batch statistics are averaged
-    at the end of each epoch (:func:`average_batch_statistics`).
+    The helpers (``source_head``, ``domain_classifier``) may be None. DDP
+    registers the parameters that require gradients when it is built, so a
+    new wrapper is built when they are not those ``previous`` reduces (a
+    stage thawed). Building one broadcasts rank 0's parameters and buffers;
+    buffers are not broadcast at each step, since fixed BatchNorm statistics
+    are identical on every rank and batch statistics are averaged at the end
+    of each epoch (:func:`average_batch_statistics`).
     """
-    network = _Network(model, source_head)
+    network = _Network(model, source_head, domain_classifier)
     trained = [id(p) for p in network.parameters() if p.requires_grad]
     if previous is not None and previous.module.trained == trained:
         return previous

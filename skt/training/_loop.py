@@ -12,8 +12,10 @@ subclass overrides any one of them::
         train_step        zero_grad, infer, get_loss, backward, optimizer and scheduler step
           infer           the network's logits
           get_loss        cross-entropy with class weights, plus the regulariser
-      validation_score    accuracy on the held-out split (when there is one)
+          get_adaptation_loss   domain adaptation: alignment of source and target features
+      validation_score    accuracy (and loss) on the held-out split (when there is one)
         validation_step   logits in eval mode
+      target_entropy      domain adaptation: mean prediction entropy on the target images
       end_epoch           records the epoch in state.history
 
 Around the steps, the callbacks in ``state.callbacks`` are notified of
@@ -30,6 +32,15 @@ batch, BatchNorm statistics of layers that normalise with batch statistics
 are averaged over the ranks at the end of each epoch, and the training loss
 and validation score are summed over the ranks, so that every rank records
 the same history and takes the same decisions.
+
+Domain adaptation (``state.target_batches``, see :mod:`skt.training._adaptation`):
+each step runs the source batch and the next target batch through the
+network as one batch, and adds ``adaptation_strength`` times the alignment
+loss between their penultimate features to the source loss. Across
+processes each rank aligns its piece of the source batch with its piece of
+the target batch: the alignment loss (a CORAL covariance, say) is computed
+per piece, and the gradients DDP averages are those of the mean over the
+ranks of the per-piece losses.
 """
 
 from __future__ import annotations
@@ -45,6 +56,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from skt._utils import memory_format
 from skt.images import view_count
+from skt.training._adaptation import (
+    coral_loss,
+    cycle_batches,
+    dann_coefficient,
+    dann_loss,
+    prediction_entropy,
+)
 from skt.training._distributed import average_batch_statistics, reduce_sum, wrap_network
 from skt.training._freeze import FreezePlan, fixed_statistics, make_freeze_plan
 from skt.training._optim import make_optimizer, make_scheduler
@@ -67,19 +85,22 @@ class TrainingLoop:
     ``freeze``, ``unfreeze_schedule``, ``batchnorm``, ``optimizer``,
     ``learning_rate_init``, ``backbone_lr_scale``, ``weight_decay``,
     ``lr_schedule``, ``warmup``, ``regularization``, ``alpha``, ``beta``,
-    ``augment`` and ``frozen_cache``.
+    ``augment`` and ``frozen_cache``; with domain adaptation also
+    ``domain_adaptation`` and ``adaptation_strength``.
     """
 
     def init_state(self, model: nn.Module, head_name: str, pretrained: nn.Module,
                    stages: tuple[tuple[str, ...], ...], *, device: torch.device,
                    generator: torch.Generator, steps_per_epoch: int,
-                   class_weight: torch.Tensor | None = None) -> TrainingState:
+                   class_weight: torch.Tensor | None = None,
+                   domain_classifier: nn.Module | None = None) -> TrainingState:
         """The state to train ``model`` (moved to ``device``), whose classifier is ``head_name``.
 
         ``pretrained`` is the network before fine-tuning: the anchor of L2-SP,
         the teacher of learning without forgetting, and the source of the
         BatchNorm statistics that stay fixed; ``stages`` are its declared
-        stages (what ``freeze=<int>`` counts).
+        stages (what ``freeze=<int>`` counts). DANN's ``domain_classifier``
+        trains at the head's learning rate.
         """
         freeze = make_freeze_plan(self.freeze, self.unfreeze_schedule, model, head_name, stages)
         model.to(device=device, memory_format=memory_format(device))
@@ -87,6 +108,10 @@ class TrainingLoop:
                               device=device, generator=generator, freeze=freeze,
                               fixed_statistics=fixed_statistics(pretrained, self.batchnorm),
                               class_weight=class_weight)
+        head = list(state.head.parameters())
+        if domain_classifier is not None:
+            state.domain_classifier = domain_classifier.to(device)
+            head += list(domain_classifier.parameters())
         if self.regularization == "lwf":
             state.source = copy.deepcopy(pretrained).eval().requires_grad_(False).to(
                 device=device, memory_format=memory_format(device))
@@ -96,7 +121,7 @@ class TrainingLoop:
         if state.source_head is not None:
             trained += list(state.source_head.parameters())
         state.optimizer = make_optimizer(
-            list(state.head.parameters()), trained, kind=self.optimizer,
+            head, trained, kind=self.optimizer,
             learning_rate=self.learning_rate_init, backbone_lr_scale=self.backbone_lr_scale,
             # the L2-SP penalty replaces weight decay
             weight_decay=0.0 if self.regularization == "l2sp" else self.weight_decay)
@@ -151,10 +176,12 @@ class TrainingLoop:
     def fit_loop(self, state: TrainingState, train: Iterable, valid: Iterable | None) -> None:
         """Run epochs from ``state.epoch`` up to ``max_iter``, or until ``state.stopped``."""
         state.batches_per_epoch = len(train)
-        splits = [batches for batches in (train, valid) if batches is not None]
+        splits = [batches for batches in (train, valid, state.target_batches, state.target_eval)
+                  if batches is not None]
         if not all(hasattr(batches, "use_trunk") for batches in splits):
             state.reuse_trunk, state.trunk = False, None
-        remove = record_head_input(state) if state.source is not None else None
+        remove = (record_head_input(state) if state.source is not None
+                  or state.target_batches is not None else None)
         try:
             self.notify("on_train_begin", state)
             while state.epoch < self.max_iter and not state.stopped:
@@ -171,6 +198,9 @@ class TrainingLoop:
                 if state.world > 1:  # before validation puts the layers in eval mode
                     average_batch_statistics(state.model, state.world)
                 score = None if valid is None else self.validation_score(state, valid)
+                if state.target_eval is not None:
+                    state.metrics["target_entropy"] = self.target_entropy(state,
+                                                                          state.target_eval)
                 self.end_epoch(state, loss, score)
                 self.notify("on_epoch_end", state)
         finally:
@@ -222,27 +252,51 @@ class TrainingLoop:
         when the epoch has a trunk. One process: nothing to do.
         """
         if state.world > 1:
-            state.ddp = wrap_network(state.model, state.source_head, state.device, state.ddp)
+            state.ddp = wrap_network(state.model, state.source_head, state.device, state.ddp,
+                                     domain_classifier=state.domain_classifier)
             state.ddp.module.trunk = state.trunk
 
     def train_epoch(self, state: TrainingState, batches: Iterable) -> float:
         """One pass over ``batches``; returns the mean training loss.
 
         With several processes, the mean over the whole epoch's global
-        batches, the same on every rank.
+        batches, the same on every rank. With domain adaptation, each step
+        also draws the next target batch (:func:`~skt.training.cycle_batches`:
+        every epoch starts a new pass over the target images, and another
+        when one ends), and the epoch's mean alignment loss goes to
+        ``state.metrics["adaptation_loss"]``.
         """
         # On the device, so that nothing waits for it until the epoch ends (MPS has no float64).
         total = torch.zeros((), dtype=torch.float32 if state.device.type == "mps"
                             else torch.float64, device=state.device)
-        count = 0
-        for images, y in batches:
-            loss = self.train_step(state, images, y)
-            # with several processes, the global batch's loss is the mean of the ranks' terms
-            total += loss.to(total.dtype) * (len(y) if state.world == 1
-                                             else state.batch_totals[0] / state.world)
-            count += len(y)
-            self.notify("on_batch_end", state, loss=loss)
-        if state.world > 1:
+        adaptation = torch.zeros_like(total)
+        count = steps = 0
+        targets = None if state.target_batches is None else cycle_batches(state.target_batches)
+        per_epoch = max(state.batches_per_epoch, 1)
+        try:
+            for step, (images, y) in enumerate(batches):
+                state.progress = (state.epoch + step / per_epoch) / self.max_iter
+                if targets is None:
+                    loss = self.train_step(state, images, y)
+                else:
+                    loss = self.train_step(state, images, y, next(targets)[0])
+                    adaptation += state.adaptation_loss.to(total.dtype)
+                # with several processes, the global batch's loss is the mean of the ranks' terms
+                total += loss.to(total.dtype) * (len(y) if state.world == 1
+                                                 else state.batch_totals[0] / state.world)
+                count += len(y)
+                steps += 1
+                self.notify("on_batch_end", state, loss=loss)
+        finally:
+            if targets is not None:  # stops the target pass under way, and its threads
+                targets.close()
+        if targets is not None:
+            sums = torch.stack([total, total.new_tensor(count), adaptation,
+                                total.new_tensor(steps)])
+            total, count, adaptation, steps = (reduce_sum(sums) if state.world > 1
+                                               else sums).tolist()
+            state.metrics["adaptation_loss"] = adaptation / max(steps, 1)
+        elif state.world > 1:
             total, count = reduce_sum(torch.stack([total, total.new_tensor(count)])).tolist()
         return float(total) / max(count, 1)
 
@@ -253,21 +307,43 @@ class TrainingLoop:
             images = images.contiguous(memory_format=state.memory_format)
         return images, y.to(state.device, non_blocking=True)
 
-    def train_step(self, state: TrainingState, images: torch.Tensor,
-                   y: torch.Tensor) -> torch.Tensor:
+    def train_step(self, state: TrainingState, images: torch.Tensor, y: torch.Tensor,
+                   target: torch.Tensor | None = None) -> torch.Tensor:
         """One optimisation step on a batch; returns the detached loss.
 
         With several processes, ``images`` and ``y`` are this rank's piece of
         the global batch; the items and class weight of the whole batch are
         summed over the ranks first (``state.batch_totals``, which
         :meth:`get_loss` reads), and the loss returned is this rank's term.
+
+        With domain adaptation, ``target`` is a batch of unlabelled target
+        images (or trunk outputs). It runs through the network with the
+        source batch, as one batch: one forward pass (which is what
+        DistributedDataParallel expects), and layers that normalise with
+        batch statistics see both domains, in training as their running
+        statistics do in prediction. The loss adds ``adaptation_strength``
+        times :meth:`get_adaptation_loss` to :meth:`get_loss`, whose terms
+        (cross-entropy, regulariser, and ``state.penultimate`` for
+        distillation) see the source part alone.
         """
+        n_source = len(y)
+        if target is not None:
+            images = torch.cat([images, target])
         images, y = self.to_device(state, images, y)
         state.optimizer.zero_grad(set_to_none=True)
         if state.world > 1:
             state.batch_totals = reduce_sum(self._batch_weights(state, y))
         logits = self.infer(state, images)
-        loss = self.get_loss(state, logits, y, images, training=True)
+        if target is None:
+            loss = self.get_loss(state, logits, y, images, training=True)
+        else:
+            features = state.penultimate.flatten(1)
+            state.penultimate = state.penultimate[:n_source]
+            adaptation = self.get_adaptation_loss(state, features[:n_source],
+                                                  features[n_source:])
+            loss = (self.get_loss(state, logits[:n_source], y, images[:n_source], training=True)
+                    + self.adaptation_strength * adaptation)
+            state.adaptation_loss = adaptation.detach()
         loss.backward()
         state.optimizer.step()
         state.scheduler.step()
@@ -324,6 +400,20 @@ class TrainingLoop:
             distillation = distillation * shares[0]
         return alpha * distillation + (1 - alpha) * loss
 
+    def get_adaptation_loss(self, state: TrainingState, source: torch.Tensor,
+                            target: torch.Tensor) -> torch.Tensor:
+        """The alignment loss between source and target penultimate features, unweighted.
+
+        ``"coral"``: :func:`~skt.training.coral_loss`. ``"dann"``:
+        :func:`~skt.training.dann_loss` through ``state.domain_classifier``,
+        the gradient reversal's coefficient ramping with ``state.progress``
+        (:func:`~skt.training.dann_coefficient`).
+        """
+        if self.domain_adaptation == "dann":
+            return dann_loss(state.domain_classifier, source, target,
+                             dann_coefficient(state.progress))
+        return coral_loss(source, target)
+
     def validation_step(self, state: TrainingState, images: torch.Tensor,
                         y: torch.Tensor) -> torch.Tensor:
         """Logits for a validation batch, in eval mode and without gradients."""
@@ -334,26 +424,56 @@ class TrainingLoop:
     def validation_score(self, state: TrainingState, batches: Iterable) -> float:
         """Accuracy on the validation split, as ``score`` would report it.
 
-        Leaves the network in eval mode; the next epoch sets its modes again.
-        With several processes, each rank scores its part of the split and
-        the counts are summed: every rank returns the score of the whole split.
+        The mean cross-entropy (without class weights) goes to
+        ``state.metrics["valid_loss"]``. Leaves the network in eval mode; the
+        next epoch sets its modes again. With several processes, each rank
+        scores its part of the split and the counts and sums are added up:
+        every rank returns the score of the whole split.
         """
         state.model.eval()
         correct = torch.zeros((), dtype=torch.long)
+        loss = torch.zeros((), dtype=torch.float64)
         count = 0
         for images, y in batches:
             logits = self.validation_step(state, images, y)
             correct += (logits.argmax(1).cpu() == y).sum()
+            loss += F.cross_entropy(logits.cpu().double(), y, reduction="sum")
             count += len(y)
         if state.world > 1:
-            correct, count = reduce_sum(torch.tensor([int(correct), count],
-                                                     device=state.device)).tolist()
+            correct, count, loss = reduce_sum(torch.tensor(
+                [int(correct), count, float(loss)], dtype=torch.float64,
+                device=state.device)).tolist()
+        state.metrics["valid_loss"] = float(loss) / count
         return int(correct) / count
 
+    def target_entropy(self, state: TrainingState, batches: Iterable) -> float:
+        """Mean prediction entropy on the target images, in nats (lower: more confident).
+
+        An unsupervised criterion for choosing among epochs without target
+        labels (:func:`~skt.training.prediction_entropy`). Eval mode, as
+        :meth:`validation_score`; with several processes, the ranks' parts
+        are added up.
+        """
+        state.model.eval()
+        total = torch.zeros((), dtype=torch.float64)
+        count = 0
+        for images, y in batches:
+            total += prediction_entropy(self.validation_step(state, images, y).cpu()).sum()
+            count += len(y)
+        if state.world > 1:
+            total, count = reduce_sum(torch.tensor([float(total), count], dtype=torch.float64,
+                                                   device=state.device)).tolist()
+        return float(total) / count
+
     def end_epoch(self, state: TrainingState, loss: float, score: float | None) -> None:
-        """Record the epoch in ``state.history``; a non-finite loss stops training with advice."""
+        """Record the epoch and ``state.metrics`` in ``state.history``.
+
+        A non-finite loss stops training with advice.
+        """
         state.epoch += 1
-        state.history.append({"epoch": state.epoch, "train_loss": loss, "valid_score": score})
+        state.history.append({"epoch": state.epoch, "train_loss": loss, "valid_score": score,
+                              **state.metrics})
+        state.metrics = {}
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"The training loss became {loss} in epoch {state.epoch}. Lower "

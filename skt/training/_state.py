@@ -43,12 +43,33 @@ class TrainingState:
         and a copy of its classifier, trained on the penultimate features.
     penultimate : Tensor or None
         The head's input in the last forward pass, when something records it.
+    domain_classifier : nn.Module or None
+        DANN: the domain classifier, trained with the network but not part
+        of it (:func:`skt.training.make_domain_classifier`).
+    target_batches : iterable or None
+        Domain adaptation: batches of unlabelled target images (or of their
+        trunk outputs), shuffled; each training step draws the next one, a
+        new pass starting when one ends (:func:`skt.training.cycle_batches`).
+        Its ``generator`` attribute, if any, is checkpointed.
+    target_eval : iterable or None
+        Every target image once, in order: scored after each epoch
+        (``target_entropy``) when there is a validation split.
+    progress : float
+        The share of this fit's steps done before the current one, from 0
+        to 1 (DANN's gradient-reversal ramp reads it).
+    adaptation_loss : Tensor or None
+        The last step's alignment loss (detached, unweighted).
+    metrics : dict of str to float
+        What this epoch measured beyond the training loss and validation
+        score (``valid_loss``, ``adaptation_loss``, ``target_entropy``);
+        :meth:`~skt.training.TrainingLoop.end_epoch` moves it into the
+        epoch's history row.
     epoch : int
         Completed epochs; the next one to run.
     history : list of dict
         One row per completed epoch: ``epoch`` (counted from 1),
-        ``train_loss``, ``valid_score`` (None without a validation split) and
-        anything callbacks add.
+        ``train_loss``, ``valid_score`` (None without a validation split),
+        what :attr:`metrics` held and anything callbacks add.
     stopped : bool
         Set by a callback (early stopping) to end training after this epoch.
     callbacks : list of Callback
@@ -85,6 +106,12 @@ class TrainingState:
     source: nn.Module | None = None
     source_head: nn.Linear | None = None
     penultimate: torch.Tensor | None = None
+    domain_classifier: nn.Module | None = None
+    target_batches: Any = None
+    target_eval: Any = None
+    progress: float = 0.0
+    adaptation_loss: torch.Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
     epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped: bool = False
