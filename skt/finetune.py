@@ -1205,13 +1205,16 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
                 device=resolve_device(self.device, fallback=True), engine="torch")
         return self._runtime[kind]
 
-    def decision_function(self, X):
+    def decision_function(self, X, sample_domain=None):
         """Confidence scores per class: the network's logits.
 
         Parameters
         ----------
         X : images
             File paths, PIL images, arrays or tensors (see :mod:`skt.images`).
+        sample_domain : array-like of shape (n_samples,), default=None
+            Ignored: the fitted network treats images of every domain alike.
+            Accepted because skada's scorers pass it.
 
         Returns
         -------
@@ -1223,13 +1226,16 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         logits = self._run(X, "logits")
         return logits[:, 1] - logits[:, 0] if len(self.classes_) == 2 else logits
 
-    def predict_proba(self, X):
+    def predict_proba(self, X, sample_domain=None):
         """Class probabilities: the softmax of the logits.
 
         Parameters
         ----------
         X : images
             File paths, PIL images, arrays or tensors (see :mod:`skt.images`).
+        sample_domain : array-like of shape (n_samples,), default=None
+            Ignored: the fitted network treats images of every domain alike.
+            Accepted because skada's scorers pass it.
 
         Returns
         -------
@@ -1241,13 +1247,16 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         probabilities = np.exp(logits)
         return probabilities / probabilities.sum(axis=1, keepdims=True)
 
-    def predict_log_proba(self, X):
+    def predict_log_proba(self, X, sample_domain=None):
         """Logarithm of the class probabilities.
 
         Parameters
         ----------
         X : images
             File paths, PIL images, arrays or tensors (see :mod:`skt.images`).
+        sample_domain : array-like of shape (n_samples,), default=None
+            Ignored: the fitted network treats images of every domain alike.
+            Accepted because skada's scorers pass it.
 
         Returns
         -------
@@ -1256,13 +1265,16 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         """
         return np.log(self.predict_proba(X))
 
-    def predict(self, X):
+    def predict(self, X, sample_domain=None):
         """The most probable class of each image.
 
         Parameters
         ----------
         X : images
             File paths, PIL images, arrays or tensors (see :mod:`skt.images`).
+        sample_domain : array-like of shape (n_samples,), default=None
+            Ignored: the fitted network treats images of every domain alike.
+            Accepted because skada's scorers pass it.
 
         Returns
         -------

@@ -167,3 +167,20 @@ def test_scorers_that_need_features_are_refused():
                                         r"SoftNeighborhoodDensity, SupervisedScorer\); "
                                         r"ImportanceWeightedScorer fits models on X itself"):
         ImageDomainScorer(ImportanceWeightedScorer())
+
+
+def test_a_search_over_adapted_fine_tuning_scored_by_target_entropy(small):
+    from skt import FineTuneClassifier
+
+    inputs, y, sample_domain = small
+    clf = FineTuneClassifier("resnet18", weights=None, image_size=32, random_state=0,
+                             max_iter=1, batch_size=4, domain_adaptation="coral")
+    search = GridSearchCV(
+        clf, {"adaptation_strength": [0.0, 10.0]},
+        cv=ImageDomainSplit(SourceTargetShuffleSplit(n_splits=2, random_state=0)),
+        scoring=ImageDomainScorer(PredictionEntropyScorer())).fit(
+            inputs["paths"], y, sample_domain=sample_domain)
+    scores = search.cv_results_["mean_test_score"]
+    # minus the target entropy of two classes: between -log(2) and 0
+    assert np.all((scores > -np.log(2) - 1e-9) & (scores < 0)), scores
+    assert search.best_estimator_.predict(inputs["paths"][10:]).shape == (10,)
