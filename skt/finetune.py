@@ -549,6 +549,12 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
     # Requested by default, as skada's estimators do: routing passes it on without
     # set_fit_request(sample_domain=True).
     __metadata_request__fit: ClassVar[dict] = {"sample_domain": True}
+    # The predict methods take sample_domain only for skada's scorers, which call them
+    # directly; routing (a skada pipeline) has nothing to pass them.
+    __metadata_request__predict: ClassVar[dict] = {"sample_domain": False}
+    __metadata_request__predict_proba: ClassVar[dict] = {"sample_domain": False}
+    __metadata_request__predict_log_proba: ClassVar[dict] = {"sample_domain": False}
+    __metadata_request__decision_function: ClassVar[dict] = {"sample_domain": False}
 
     def __init__(
         self,
