@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from skt.finetune import FineTuneClassifier
     from skt.images import load_image_folder
     from skt.persist import load, save
+    from skt.transferability import make_transferability_scorer
 
 _LAZY = {
     "FeatureExtractor": "skt.extractor",
@@ -34,6 +35,7 @@ _LAZY = {
     "list_stages": "skt.backbones",
     "load": "skt.persist",
     "load_image_folder": "skt.images",
+    "make_transferability_scorer": "skt.transferability",
     "save": "skt.persist",
 }
 
@@ -49,6 +51,7 @@ __all__ = [
     "list_stages",
     "load",
     "load_image_folder",
+    "make_transferability_scorer",
     "save",
 ]
 

@@ -46,12 +46,13 @@ ALLOWED = {
                         "skt.bench", "skt.distributed"},
     "skt.distributed": _CORE | {"skt.extractor"},
     "skt.da": _CORE,
+    "skt.transferability": set(),
     "skt.train": _CORE | {"skt", "skt.images", "skt.finetune", "skt.persist"},
     "skt.persist": _CORE | {"skt._base", "skt.images", "skt.backbones", "skt.pooling",
                             "skt.cache", "skt.extractor", "skt.finetune"},
     "skt.__main__": {"skt.cli"},
     "skt": {"skt._version", "skt.backbones", "skt.cache", "skt.extractor", "skt.finetune",
-            "skt.images", "skt.persist"},
+            "skt.images", "skt.persist", "skt.transferability"},
 }
 # Third-party modules some layers must never reach.
 FORBIDDEN = {
