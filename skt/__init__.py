@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from skt.finetune import FineTuneClassifier
     from skt.images import load_image_folder
     from skt.persist import load, save
-    from skt.transferability import make_transferability_scorer
+    from skt.transferability import make_transferability_scorer, rank_backbones
 
 _LAZY = {
     "FeatureExtractor": "skt.extractor",
@@ -36,6 +36,7 @@ _LAZY = {
     "load": "skt.persist",
     "load_image_folder": "skt.images",
     "make_transferability_scorer": "skt.transferability",
+    "rank_backbones": "skt.transferability",
     "save": "skt.persist",
 }
 
@@ -52,6 +53,7 @@ __all__ = [
     "load",
     "load_image_folder",
     "make_transferability_scorer",
+    "rank_backbones",
     "save",
 ]
 

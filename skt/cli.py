@@ -669,6 +669,28 @@ def cmd_layers(args: argparse.Namespace) -> None:
     print("\n".join(names))
 
 
+def cmd_rank(args: argparse.Namespace) -> None:
+    from skt.transferability import rank_backbones
+
+    paths, labels = collect_inputs(args.inputs)
+    if labels is None:
+        raise CommandError("skt rank needs labels: give a folder with one subfolder per class "
+                           "(folder/<class>/<image>).")
+    layers = None if args.layers is None else [
+        None if name == "pre_logits" else name for name in args.layers.split(",")]
+    table = rank_backbones(paths, labels, args.backbones.split(","), layers=layers,
+                           metric=args.metric, cache=args.cache, image_size=args.image_size,
+                           batch_size=args.batch_size)
+    rows = table.to_dict("records") if hasattr(table, "to_dict") else table
+    width = max(len(row["backbone"]) + len(row["layer"]) + 1 for row in rows)
+    print(f"{'backbone:layer':<{width}}  {args.metric:>8}  {'seconds':>7}")
+    for row in rows:
+        error = row["error"] if isinstance(row["error"], str) else None
+        score = "-" if error else f"{row['score']:.4f}"
+        line = f"{row['backbone'] + ':' + row['layer']:<{width}}  {score:>8}  {row['seconds']:7.1f}"
+        print(f"{line}  {error}" if error else line)
+
+
 def cmd_cache(args: argparse.Namespace) -> None:
     from skt.cache import cache_info, clear_cache
 
@@ -757,6 +779,25 @@ def build_parser() -> argparse.ArgumentParser:
     layers = commands.add_parser("layers", help="list the layer names of a backbone")
     layers.add_argument("backbone")
     layers.set_defaults(run=cmd_layers)
+
+    rank = commands.add_parser(
+        "rank", help="rank backbones by transferability on labelled images",
+        description="Score each backbone (and layer) on a class-subfolder folder by LogME or "
+                    "H-score, without training anything, best first (skt.transferability). A "
+                    "backbone whose weights are not on this machine is listed last with the "
+                    "reason; the others still rank.")
+    rank.add_argument("inputs", nargs="+", metavar="FOLDER",
+                      help="a folder with one subfolder per class")
+    rank.add_argument("--backbones", default="efficientnet_lite0,efficientnet_lite1,"
+                      "efficientnet_lite2", help="comma-separated names (default: %(default)s)")
+    rank.add_argument("--layers", help="comma-separated layer names tried in every backbone; "
+                      "pre_logits for the penultimate features (default)")
+    rank.add_argument("--metric", default="logme", choices=["logme", "hscore"])
+    rank.add_argument("--cache", help="feature cache directory")
+    rank.add_argument("--image-size", type=_at_least(16),
+                      help="crop size in pixels (default: each backbone's weights')")
+    rank.add_argument("--batch-size", type=_at_least(1), default=32)
+    rank.set_defaults(run=cmd_rank)
 
     cache = commands.add_parser("cache", help="show or clear a feature cache")
     cache.add_argument("action", choices=["info", "clear"])

@@ -20,11 +20,13 @@ scorer for ``GridSearchCV(FeatureExtractor(cache=...), {...}, scoring=...)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["hscore", "leep", "logme", "make_transferability_scorer", "nce"]
+__all__ = ["hscore", "leep", "logme", "make_transferability_scorer", "nce", "rank_backbones"]
 
 
 def _labels(y, n: int, name: str = "y") -> tuple[np.ndarray, int]:
@@ -320,3 +322,95 @@ def make_transferability_scorer(metric: str = "logme") -> Callable:
     scorer.__name__ = f"{metric}_scorer"
     scorer.__qualname__ = scorer.__name__
     return scorer
+
+
+def _label(extractor) -> str:
+    label = extractor._label() if hasattr(extractor, "_label") else str(extractor.backbone)
+    return label if extractor.weights is not None else f"{label} (random init)"
+
+
+def rank_backbones(X, y, backbones: Sequence[Any], *, layers: Sequence[str | None] | None = None,
+                   metric: str = "logme", cache: Any = None, image_size: int | None = None,
+                   batch_size: int = 32):
+    """Rank backbones (and layers) by a transferability score on labelled images, best first.
+
+    Each backbone and layer costs one forward pass over ``X`` (none when the
+    feature ``cache`` has it) and no training.
+
+    Parameters
+    ----------
+    X : images
+        Anything :class:`~skt.FeatureExtractor` takes.
+    y : array-like of shape (n_samples,)
+    backbones : sequence of str or FeatureExtractor
+        Backbone names, or configured extractors (e.g.
+        ``FeatureExtractor("resnet18", weights=None, random_state=0)``, a
+        random-init control); an extractor's own ``cache``, ``image_size``
+        and ``batch_size`` stand.
+    layers : sequence of str or None, optional
+        Layers to try in every backbone (None: the penultimate features; a
+        name a backbone lacks gives that row an error). Default: each
+        backbone's own ``layers``.
+    metric : {"logme", "hscore"}, default="logme"
+    cache : str, path or None, default=None
+        Feature cache for backbones given by name.
+    image_size : int, optional
+        Crop size for backbones given by name (default: the weights').
+    batch_size : int, default=32
+        For backbones given by name.
+
+    Returns
+    -------
+    table : pandas.DataFrame, or list of dict without pandas
+        One row per backbone and layer: ``backbone``, ``layer``, ``score``,
+        ``seconds`` and ``error`` (why the row has no score: weights that are
+        not on this machine, an unknown layer; None in the list, missing in
+        the DataFrame when the row has a score), best score first, rows with
+        errors last.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skt import FeatureExtractor
+    >>> from skt.transferability import rank_backbones
+    >>> X = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    >>> table = rank_backbones(X, np.repeat([0, 1], 8), [
+    ...     FeatureExtractor("resnet18", weights=None, image_size=32, random_state=0),
+    ...     FeatureExtractor("mobilenet_v3_small", weights=None, image_size=32, random_state=0),
+    ... ])
+    >>> len(table), sorted(table.columns)
+    (2, ['backbone', 'error', 'layer', 'score', 'seconds'])
+    """
+    from sklearn.base import clone
+
+    from skt.extractor import FeatureExtractor
+
+    if metric not in ("logme", "hscore"):
+        raise ValueError(f"metric must be 'logme' or 'hscore' (scores of features); got "
+                         f"{metric!r}. LEEP and NCE need a source classifier's output: use "
+                         "make_transferability_scorer with the logits layer.")
+    score = _METRICS[metric]
+    if hasattr(X, "__len__"):
+        _labels(y, len(X))  # a bad y fails once, here, not in every row
+    rows = []
+    for entry in backbones:
+        base = (entry if isinstance(entry, FeatureExtractor) else FeatureExtractor(
+            entry, cache=cache, image_size=image_size, batch_size=batch_size))
+        for layer in ([base.layers] if layers is None else list(layers)):
+            extractor = clone(base).set_params(layers=layer)
+            row = {"backbone": _label(extractor), "layer": layer or "pre_logits",
+                   "score": float("nan"), "seconds": 0.0, "error": None}
+            start = time.perf_counter()
+            try:
+                row["score"] = score(extractor.fit(X).transform(X), y)
+            except (OSError, ValueError, TypeError, RuntimeError) as exc:
+                row["error"] = f"{type(exc).__name__}: {exc}"
+            row["seconds"] = time.perf_counter() - start
+            rows.append(row)
+    rows.sort(key=lambda row: (row["error"] is not None, -np.nan_to_num(row["score"],
+                                                                        nan=-np.inf)))
+    try:
+        import pandas as pd
+    except ImportError:
+        return rows
+    return pd.DataFrame(rows, columns=["backbone", "layer", "score", "seconds", "error"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import sys
+
 import numpy as np
 import pytest
 from scipy.optimize import minimize
@@ -9,7 +12,7 @@ from scipy.stats import multivariate_normal
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
 from skt import FeatureExtractor, make_transferability_scorer
-from skt.transferability import hscore, leep, logme, nce
+from skt.transferability import hscore, leep, logme, nce, rank_backbones
 from tests.conftest import TINY
 
 
@@ -120,3 +123,79 @@ def test_the_scorer_ranks_layers_in_a_search_without_a_head(tmp_path):
         logme(extractor.transform(X), y))
     # H-score with 24 images and 64 dimensions: saturated at n_classes - 1, as documented
     assert hscore(extractor.transform(X), y) == pytest.approx(1.0)
+
+
+def _controls():
+    return [FeatureExtractor(name, weights=None, image_size=32, random_state=0, engine="torch")
+            for name in ("resnet18", "mobilenet_v3_small")]
+
+
+@pytest.fixture
+def striped():
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 120, (20, 32, 32, 3), dtype=np.uint8)
+    y = np.repeat(["dark", "bright"], 10)
+    X[y == "bright", :, :16] += 120
+    return X, y
+
+
+def test_rank_backbones_best_first_with_errors_last(striped, tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    X, y = striped
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no weights on this machine, no network
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    table = rank_backbones(X, y, [*_controls(), "resnet34"], layers=["layer1", "layer4"])
+    rows = table.to_dict("records")  # pandas shows a missing error as NaN
+    assert [(row["backbone"], row["layer"]) for row in rows][-2:] == [
+        ("resnet34", "layer1"), ("resnet34", "layer4")]
+    assert all("WeightsNotFoundError" in row["error"] and "ResNet34_Weights" in row["error"]
+               for row in rows[-2:])
+    scored = [row for row in rows if not isinstance(row["error"], str)]
+    assert [row["backbone"] for row in scored].count("resnet18 (random init)") == 2
+    assert all(a["score"] >= b["score"] for a, b in itertools.pairwise(scored))
+    # mobilenet_v3_small has no layer1 or layer4: its rows say so (errors keep their order)
+    unknown = [row for row in rows if row["backbone"].startswith("mobilenet")]
+    assert all("layer" in row["error"] for row in unknown)
+    expected = logme(_controls()[0].set_params(layers="layer1").fit(X).transform(X), y)
+    assert next(row["score"] for row in scored if row["layer"] == "layer1") == pytest.approx(
+        expected)
+
+
+def test_rank_backbones_without_pandas_and_with_a_bad_y(striped, monkeypatch):
+    X, y = striped
+    monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas raises ImportError
+    rows = rank_backbones(X, y, _controls()[:1])
+    assert isinstance(rows, list) and rows[0]["layer"] == "pre_logits"
+    assert rows[0]["error"] is None and np.isfinite(rows[0]["score"])
+    with pytest.raises(ValueError, match="y must hold one label per row: 20 rows"):
+        rank_backbones(X, y[:5], _controls()[:1])
+    with pytest.raises(ValueError, match="metric must be 'logme' or 'hscore'"):
+        rank_backbones(X, y, _controls()[:1], metric="leep")
+
+
+def test_skt_rank_prints_backbones_best_first(image_folder, capsys):
+    from skt.cli import main
+
+    status = main(["rank", str(image_folder), "--backbones", "efficientnet_lite0",
+                   "--layers", "blocks.2,pre_logits", "--image-size", "32"])
+    out = capsys.readouterr().out.splitlines()
+    assert status == 0 and out[0].split() == ["backbone:layer", "logme", "seconds"]
+    names = [line.split()[0] for line in out[1:]]
+    assert sorted(names) == ["efficientnet_lite0:blocks.2", "efficientnet_lite0:pre_logits"]
+    scores = [float(line.split()[1]) for line in out[1:]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_skt_rank_needs_class_folders(image_files, capsys):
+    from skt.cli import main
+
+    assert main(["rank", *image_files[:4]]) == 1
+    assert capsys.readouterr().err.startswith("skt: error: skt rank needs labels: give a "
+                                              "folder with one subfolder per class")
