@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # These two releases lie on this machine's disk; pip takes them from there.
 TORCH := torch==2.14.1 torchvision==0.29.1
-EXTRAS := test,lite,bench,onnx,safe,dask,da,dev
+EXTRAS := test,lite,bench,onnx,safe,dask,da,timm,dev
 # foolbox only ships the 20 labelled ImageNet JPEGs the accuracy tests use;
 # its own dependencies are not needed.
 FOOLBOX := foolbox==3.3.4
@@ -29,4 +29,4 @@ lint: setup
 	$(VENV)/bin/ruff check skt tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) demo-results bench-results .pytest_cache
+	rm -rf $(VENV) demo-results compare-results bench-results .pytest_cache

@@ -19,7 +19,9 @@ Data sets:
   benchmark published with the data set (shown beside the table).
   ``--train-size`` takes a stratified subset of the training images.
 - ``digits``: scikit-learn's 1,797 digits as 64 x 64 images.
-- ``folder:PATH``: a folder of class subfolders (``PATH/<class>/<image>``).
+- ``folder:PATH``: a folder of class subfolders (``PATH/<class>/<image>``),
+  checked as ``skt compare PATH`` checks it (which runs the comparison on
+  one backbone with the demo's settings).
 
 With several backbones that have published ImageNet accuracies (e.g. the
 three EfficientNet-Lite variants) it also reports, after Kornblith et al.
@@ -42,9 +44,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from sklearn.utils import Bunch
 
-from skt import FeatureExtractor, load_image_folder
+from skt import FeatureExtractor
 from skt.bench import (
     Reference,
     compare_with_imagenet,
@@ -91,11 +92,16 @@ def load_data(args: argparse.Namespace) -> dict:
         return {"images": bunch.images, "y": bunch.target, "name": "digits (64 x 64)",
                 "description": bunch.DESCR}
     if name == "folder":
+        from skt.bench.demo import load_comparison_folder
+
         root = args.dataset.split(":", 1)[1]
-        paths, labels = load_image_folder(root)
-        bunch = Bunch(images=paths, target=labels)
-        bunch = subsample(bunch, args.images, random_state=args.seed) if args.images else bunch
-        return {"images": bunch.images, "y": bunch.target, "name": f"folder {root}",
+        try:  # the checks of skt compare: two classes or more, enough images in each
+            paths, labels = load_comparison_folder(
+                root, test_size=1 / args.cv if args.cv else args.test_size, cv=args.search_cv,
+                n_images=args.images, random_state=args.seed)
+        except ValueError as exc:
+            raise SystemExit(f"--dataset {args.dataset!r}: {exc}") from None
+        return {"images": paths, "y": labels, "name": f"folder {root}",
                 "description": f"images in class subfolders of {root}"}
     raise SystemExit(f"--dataset {args.dataset!r}: choose elpv, fashion_mnist, digits or "
                      "folder:PATH.")

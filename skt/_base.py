@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from skt._sklearn import Interval
+from skt._sklearn import Interval, StrOptions
 
 BACKBONE_CONSTRAINTS = {
     "backbone": [str, nn.Module],
@@ -18,6 +18,7 @@ BACKBONE_CONSTRAINTS = {
     "image_size": [Interval(Integral, 16, None, closed="left"), None],
     "mean": ["array-like", Interval(Real, 0, 1, closed="both"), None],
     "std": ["array-like", Interval(Real, 0, None, closed="neither"), None],
+    "crop_mode": [StrOptions({"center", "squash"}), None],
 }
 """Parameters that pick the network and its preprocessing, shared by the estimators."""
 

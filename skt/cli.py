@@ -1,4 +1,4 @@
-"""The ``skt`` command line: extract features, list backbones and layers, manage the cache.
+"""The ``skt`` command line: features, backbones and layers, ranking, comparisons, the cache.
 
 Exit statuses:
 
@@ -243,6 +243,16 @@ def _at_least(minimum: int):
         return value
 
     return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    return value
 
 
 # ------------------------------------------------------------------ extract --
@@ -661,12 +671,25 @@ def cmd_backbones(args: argparse.Namespace) -> None:
         print(f"{name:28s} {offline}")
 
 
-def cmd_layers(args: argparse.Namespace) -> None:
-    from skt.backbones import list_layers
+def _format_shape(shape: tuple[int, ...] | None) -> str:
+    return "-" if shape is None else str(tuple(shape))
 
-    with _speaking_options(args.backbone):
-        names = list_layers(args.backbone)
-    print("\n".join(names))
+
+def cmd_layers(args: argparse.Namespace) -> None:
+    from skt.backbones import family_of, layer_shapes, resolve_preprocessing
+
+    try:
+        with _speaking_options(args.backbone):
+            shapes = layer_shapes(args.backbone, image_size=args.image_size)
+    except CommandError as exc:
+        raise CommandError(str(exc).replace("pass an image_size", "pass an --image-size")) from exc
+    family = family_of(args.backbone)
+    size = resolve_preprocessing(family.preprocessing(args.backbone, None),
+                                 args.image_size).crop_size
+    width = max(len("layer"), *map(len, shapes))
+    print(f"{'layer':<{width}}  output shape for one {size} x {size} image")
+    for name, shape in shapes.items():
+        print(f"{name:<{width}}  {_format_shape(shape)}")
 
 
 def cmd_rank(args: argparse.Namespace) -> None:
@@ -724,6 +747,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(quick=args.quick, output=args.output)
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from skt.bench.demo import compare_folder
+
+    weights = None if args.weights.lower() == "none" else args.weights
+    with _speaking_options(args.backbone):
+        compare_folder(args.folder, backbone=args.backbone, weights=weights,
+                       image_size=args.image_size, quick=args.quick,
+                       finetune=args.finetune, test_size=args.test_size,
+                       random_state=args.random_state, output=args.output)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="skt", description="Pretrained CNN features for scikit-learn.")
@@ -776,8 +810,16 @@ def build_parser() -> argparse.ArgumentParser:
     backbones = commands.add_parser("backbones", help="list backbone names")
     backbones.set_defaults(run=cmd_backbones)
 
-    layers = commands.add_parser("layers", help="list the layer names of a backbone")
-    layers.add_argument("backbone")
+    layers = commands.add_parser(
+        "layers", help="list the layers of a backbone and their output shapes",
+        description="List the layer names 'skt extract --layers' accepts, in forward order, "
+                    "with each layer's output shape for one image, batch dimension left out: "
+                    "(C, H, W) for feature maps, (T, C) for tokens, (D,) for vectors, - for "
+                    "outputs that are not tensors. The shapes come from one pass on "
+                    "PyTorch's meta device (no weights, no download).")
+    layers.add_argument("backbone", help="a name from 'skt backbones'")
+    layers.add_argument("--image-size", type=_at_least(1),
+                        help="side of the input image (default: the weights' crop size)")
     layers.set_defaults(run=cmd_layers)
 
     rank = commands.add_parser(
@@ -806,10 +848,51 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with clear: delete oldest entries down to this size")
     cache.set_defaults(run=cmd_cache)
 
-    demo = commands.add_parser("demo", help="compare heads and fine-tuning on real images")
+    demo = commands.add_parser(
+        "demo", help="compare heads and fine-tuning on real images (ELPV solar cells)",
+        description="Raw pixels, frozen EfficientNet-Lite0 features with three heads, and "
+                    "fine-tuning, against published results, on the ELPV solar cells; needs "
+                    "skt[bench]. 'skt compare FOLDER' does the same on your own images.")
     demo.add_argument("--quick", action="store_true", help="a small subset, in under 2 minutes")
-    demo.add_argument("--output", default="demo-results")
+    demo.add_argument("--output", default="demo-results",
+                      help="folder for results.json, .md, .png and the feature cache "
+                           "(default: %(default)s)")
     demo.set_defaults(run=cmd_demo)
+
+    compare = commands.add_parser(
+        "compare", help="the demo's comparison on your own class-subfolder images",
+        description="On FOLDER/<class>/<image>, one stratified train/test split: majority "
+                    "class; raw pixels + LogisticRegression, LinearSVC, PCA + LDA; frozen "
+                    "features of --backbone + LogisticRegression, SVC, PCA + LDA (each head "
+                    "tuned by grid search on the training part); and the backbone "
+                    "fine-tuned (the demo's settings: 6 epochs, freeze='auto'). Prints "
+                    "accuracy, balanced accuracy, macro-F1, ROC-AUC (macro one-vs-rest for "
+                    "more than two classes) and fit and predict seconds per row, and writes "
+                    "results.json, results.md and results.png (with matplotlib) to --output. "
+                    "Every class needs 8 or more images (75/25 split, 5-fold searches).")
+    compare.add_argument("folder", metavar="FOLDER", help="a folder with one subfolder per class")
+    compare.add_argument("--backbone", default="efficientnet_lite0",
+                         help="a name from 'skt backbones' (default: %(default)s)")
+    compare.add_argument("--weights", default="DEFAULT",
+                         help="DEFAULT, a weights name, a state-dict path, or none (random, "
+                              "seeded by --random-state)")
+    compare.add_argument("--image-size", type=_at_least(16),
+                         help="crop size of the feature and fine-tuned rows (default: 224; "
+                              "160 and 64 with --quick)")
+    compare.add_argument("--quick", action="store_true",
+                         help="the demo's quick settings: at most 400 images, 3-fold searches, "
+                              "1 epoch of fine-tuning")
+    compare.add_argument("--no-finetune", dest="finetune", action="store_false",
+                         help="leave out the fine-tuned row (the slowest)")
+    compare.add_argument("--test-size", type=_fraction, default=0.25,
+                         help="held-out share of the images (default: %(default)s)")
+    compare.add_argument("--random-state", type=_at_least(0), default=0,
+                         help="seed of the split, the searches and fine-tuning "
+                              "(default: %(default)s)")
+    compare.add_argument("--output", default="compare-results",
+                         help="folder for results.json, .md, .png and the feature cache "
+                              "(default: %(default)s)")
+    compare.set_defaults(run=cmd_compare)
     return parser
 
 

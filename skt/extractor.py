@@ -71,7 +71,7 @@ def _backbone_key(params: dict) -> tuple | None:
         stat = os.stat(weights)
         weights = (os.fspath(weights), stat.st_size, stat.st_mtime_ns)
     return (backbone, str(weights), seed if weights is None else None, params["image_size"],
-            _frozen(params["mean"]), _frozen(params["std"]))
+            _frozen(params["mean"]), _frozen(params["std"]), params["crop_mode"])
 
 
 class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
@@ -109,6 +109,13 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         the weights' ratio.
     mean, std : float or sequence of 3 floats, optional
         Normalisation; default from the weights, ImageNet's for a user module.
+    crop_mode : {"center", "squash"} or None, default=None
+        How images are framed: ``"center"`` resizes the shorter side (to
+        ``image_size`` over the weights' crop fraction) and cuts the centre
+        square; ``"squash"`` resizes the whole image to ``image_size`` x
+        ``image_size``, no crop, for images that are already framed (small
+        items such as Fashion-MNIST's, cells, tiles). None: the weights'
+        choice (``"center"`` for torchvision and EfficientNet-Lite).
     batch_size : int, default=32
         Images per forward pass.
     device : str or torch.device, default="auto"
@@ -219,6 +226,7 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         image_size=None,
         mean=None,
         std=None,
+        crop_mode=None,
         batch_size=32,
         device="auto",
         num_workers=None,
@@ -236,6 +244,7 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         self.image_size = image_size
         self.mean = mean
         self.std = std
+        self.crop_mode = crop_mode
         self.batch_size = batch_size
         self.device = device
         self.num_workers = num_workers
@@ -304,6 +313,7 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         def make():
             backbone = resolve_backbone(self.backbone, self.weights, image_size=self.image_size,
                                         mean=self.mean, std=self.std,
+                                        crop_mode=self.crop_mode,
                                         random_state=self.random_state)
             return backbone, fingerprint_module(backbone.model), layer_names(backbone.model)[0]
 
@@ -334,7 +344,7 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
 
             # Every pooling but "flatten" runs the same graph: its summaries serve them all.
             key = (self._fingerprint, tuple(self.layers_), self.pooling == "flatten",
-                   self.preprocessing_.crop_size, str(device), self.dtype, self.engine)
+                   self.preprocessing_, str(device), self.dtype, self.engine)
             self._runtime = _RUNTIMES.get_or_make(key, make)
         return self._runtime
 

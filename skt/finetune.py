@@ -286,6 +286,10 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         Crop size fed to the network; default from the weights.
     mean, std : float or sequence of 3 floats, optional
         Normalisation; default from the weights.
+    crop_mode : {"center", "squash"} or None, default=None
+        A centre crop, or the whole image resized to ``image_size`` (for
+        framed images), as for :class:`skt.FeatureExtractor`; None: the
+        weights' choice. Random crops (``augment="standard"``) ignore it.
     max_iter : int, default=6
         Epochs (passes over the training images). With the defaults
         (``freeze="auto"``, 224 px for Lite0), 6 epochs on the 1,968 ELPV
@@ -564,6 +568,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         image_size=None,
         mean=None,
         std=None,
+        crop_mode=None,
         max_iter=6,
         batch_size=32,
         learning_rate_init=3e-3,
@@ -603,6 +608,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         self.image_size = image_size
         self.mean = mean
         self.std = std
+        self.crop_mode = crop_mode
         self.max_iter = max_iter
         self.batch_size = batch_size
         self.learning_rate_init = learning_rate_init
@@ -711,7 +717,8 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
             init_seed = self._init_seed
 
         backbone = resolve_backbone(self.backbone, self.weights, image_size=self.image_size,
-                                    mean=self.mean, std=self.std, random_state=init_seed)
+                                    mean=self.mean, std=self.std,
+                                    crop_mode=self.crop_mode, random_state=init_seed)
         if backbone.classifier is None:
             raise _no_classifier(self.backbone)
         model = self._build_network(backbone, len(classes), init_seed, warm)
@@ -818,7 +825,14 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         if warm:
             return copy.deepcopy(self.model_)
         model = copy.deepcopy(backbone.model)
-        in_features = model.get_submodule(backbone.classifier).in_features
+        old = model.get_submodule(backbone.classifier)
+        if not isinstance(old, nn.Linear):
+            raise ValueError(
+                f"The classifier {backbone.classifier!r} of {backbone.name} is a "
+                f"{type(old).__name__}, not an nn.Linear, so FineTuneClassifier cannot give it "
+                "a new head. Fine-tune a backbone with a linear classifier, or pass an "
+                "nn.Module whose last nn.Linear is its classifier.")
+        in_features = old.in_features
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             head = nn.Linear(in_features, n_classes)
@@ -1023,7 +1037,8 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         """Penultimate features of the pretrained network (:class:`skt.FeatureExtractor`)."""
         extractor = FeatureExtractor(
             self.backbone, self.weights, image_size=self.image_size, mean=self.mean,
-            std=self.std, batch_size=self.batch_size, device=self.device,
+            std=self.std, crop_mode=self.crop_mode, batch_size=self.batch_size,
+            device=self.device,
             num_workers=self.num_workers, random_state=seed)
         subset = [images[i] for i in indices]
         return extractor.fit(subset).transform(subset)

@@ -1,4 +1,5 @@
 import os
+import sys
 import urllib.error
 
 import pytest
@@ -64,6 +65,23 @@ def test_bad_state_dict_files(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
     with pytest.raises(ValueError, match="does not fit this backbone"):
         resolve_backbone("resnet18", str(tmp_path / "wrong.pth"))
+
+
+def test_weights_from_safetensors_file(tmp_path, monkeypatch):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    source = torchvision.models.resnet18(num_classes=5)
+    path = tmp_path / "model.safetensors"
+    safetensors_torch.save_file(source.state_dict(), path)
+    backbone = resolve_backbone("resnet18", str(path))
+    assert backbone.model.fc.out_features == 5
+    for name, value in source.state_dict().items():
+        assert torch.equal(backbone.model.state_dict()[name], value), name
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"could not be read.*safetensors\.torch\.save_file"):
+        resolve_backbone("resnet18", str(tmp_path / "bad.safetensors"))
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(ImportError, match=r'safetensors file.*pip install "skt\[safe\]"'):
+        resolve_backbone("resnet18", str(path))
 
 
 def test_missing_torchvision_weights_say_where_to_put_them(tmp_path, monkeypatch):

@@ -426,6 +426,8 @@ def test_layers_points_to_backbones(capsys):
          "skt extract: error: argument --num-workers: expected an integer >= 0, got 'two'"),
         (["extract", "a.png", "-o", "a.npy", "--on-error", "ignore"], "usage: skt extract ",
          "skt extract: error: argument --on-error: invalid choice: 'ignore'"),
+        (["compare", "folder", "--test-size", "1"], "usage: skt compare ",
+         "skt compare: error: argument --test-size: expected a number between 0 and 1, got '1'"),
     ],
 )
 def test_usage_errors_exit_2_with_argparse_usage(argv, usage, message, capsys):
@@ -441,7 +443,8 @@ def test_help_and_version_exit_0(capsys):
     assert (status, out, err) == (0, f"skt {__version__}\n", "")
     status, out, _ = run(capsys, "--help")
     assert status == 0 and out.startswith("usage: skt [-h] [--version] COMMAND ...")
-    assert all(command in out for command in ("extract", "backbones", "layers", "cache"))
+    assert all(command in out for command in ("extract", "backbones", "layers", "rank", "cache",
+                                              "demo", "compare"))
 
 
 def test_exit_statuses_of_the_process():
@@ -508,7 +511,7 @@ def test_layers_into_a_pipe_closed_after_one_line_exits_141_quietly():
     if not hasattr(fcntl, "F_SETPIPE_SZ"):
         pytest.skip("needs Linux, to make the pipe small")
     read_end, write_end = os.pipe()
-    # densenet121 has 18.5 kB of layer names, more than this pipe and our read can take
+    # densenet121 has 30 kB of layer names and shapes, more than this pipe and our read can take
     fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
     process = subprocess.Popen([sys.executable, "-m", "skt", "layers", "densenet121"],
                                stdout=write_end, stderr=subprocess.PIPE, text=True,
@@ -517,22 +520,100 @@ def test_layers_into_a_pipe_closed_after_one_line_exits_141_quietly():
     with os.fdopen(read_end, "rb") as reader:
         first = reader.readline()
     _, err = process.communicate()
-    assert first == b"features.conv0\n"
+    assert first.split() == [b"layer", b"output", b"shape", b"for", b"one", b"224", b"x", b"224",
+                             b"image"]
     assert process.returncode == 141, err
     assert "Broken pipe" not in err and "Traceback" not in err and "Exception" not in err
 
 
 # --------------------------------------------------- backbones, layers, cache --
 
+def _layer_table(out):
+    """``skt layers`` output as its header and {name: shape text}, checking the alignment."""
+    header, *lines = out.splitlines()
+    column = header.index("output shape")
+    assert all(line[column - 2:column] == "  " and line[column] != " " for line in lines)
+    return header, {line[:column].rstrip(): line[column:] for line in lines}
+
+
 def test_layers_and_backbones(capsys):
     from skt import list_backbones, list_layers
 
     status, out, _ = run(capsys, "layers", "resnet18")
-    assert status == 0 and out.splitlines() == list_layers("resnet18")
+    header, shapes = _layer_table(out)
+    assert status == 0 and list(shapes) == list_layers("resnet18")
+    assert header.endswith("output shape for one 224 x 224 image")
+    # by hand: stride 32 to layer4 (224 / 32 = 7), then global pooling, flatten and fc
+    assert shapes["conv1"] == "(64, 112, 112)" and shapes["maxpool"] == "(64, 56, 56)"
+    assert shapes["layer3"] == "(256, 14, 14)" and shapes["layer4"] == "(512, 7, 7)"
+    assert shapes["avgpool"] == "(512, 1, 1)" and shapes["flatten"] == "(512,)"
+    assert shapes["fc"] == "(1000,)"
     status, out, _ = run(capsys, "backbones")
     lines = {line.split()[0]: line for line in out.splitlines()}
     assert status == 0 and list(lines) == list_backbones()
     assert lines["efficientnet_lite0"].endswith(" weights on disk")
+
+
+def test_layers_at_another_image_size(capsys):
+    status, out, _ = run(capsys, "layers", "efficientnet_lite0", "--image-size", "96")
+    header, shapes = _layer_table(out)
+    assert status == 0 and header.endswith("output shape for one 96 x 96 image")
+    assert shapes["conv_stem"] == "(32, 48, 48)" and shapes["blocks.15"] == "(320, 3, 3)"
+    assert shapes["conv_head"] == "(1280, 3, 3)" and shapes["fc"] == "(1000,)"
+
+
+def test_layers_that_do_not_fit_the_image_say_so(capsys):
+    # the ViT asserts its input size: 32 px for 224 px patches of 16
+    status, out, err = run(capsys, "layers", "vit_b_16", "--image-size", "32")
+    assert status == 1 and out == ""
+    assert err.startswith("skt: error: vit_b_16 cannot run on a 32 x 32 image (AssertionError: "
+                          "Wrong image height! Expected 224 ")
+    assert err.endswith("; pass an --image-size it accepts.\n")
+
+
+def test_layer_shapes_of_a_vision_transformer_are_tokens():
+    from torchvision.models import VisionTransformer
+
+    from skt.backbones import layer_shapes, list_layers
+
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                            hidden_dim=16, mlp_dim=32, num_classes=3)
+    shapes = layer_shapes(vit, image_size=32)
+    assert list(shapes) == list_layers(vit)
+    # (32 / 8)^2 = 16 patches of 16 channels, then 17 tokens with the class token
+    assert shapes["conv_proj"] == (16, 4, 4) and shapes["permute"] == (16, 16)
+    assert shapes["cat"] == (17, 16)
+    assert shapes["encoder.layers.encoder_layer_1"] == (17, 16) and shapes["encoder"] == (17, 16)
+    assert shapes["heads"] == (3,)
+    # parameters read by the graph have no batch dimension to leave out
+    assert shapes["class_token"] == (1, 1, 16)
+    assert shapes["encoder.encoder_pos_embedding"] == (1, 17, 16)
+    # tuples (attention output and weights) and sizes are not tensors
+    assert shapes["encoder.layers.encoder_layer_0.self_attention"] is None
+    assert shapes["getattr"] is None
+
+
+def test_layer_shapes_of_a_module_fx_cannot_trace():
+    """Control flow on values: forward hooks, on the CPU; a module that never runs gets None."""
+    from torch import nn
+
+    from skt.backbones import layer_shapes
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.unused = nn.Linear(4, 4)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = self.conv(x)
+            if x.mean() > 1e9:
+                x = self.unused(x)
+            return self.fc(x.mean((2, 3)))
+
+    assert layer_shapes(Branchy(), image_size=16) == {"conv": (4, 14, 14), "unused": None,
+                                                      "fc": (2,)}
 
 
 def test_cache_info_and_clear(images, tmp_path, capsys):
@@ -575,3 +656,105 @@ def test_a_done_file_rewritten_at_its_size_and_time_counts_as_changed(tmp_path):
     path.write_bytes(b"\xff" * 64)  # other pixels, same size (as BMP files keep)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the old time (cp -p)
     assert stat_digest([str(path)]).hexdigest() != before
+
+
+# ---------------------------------------------------------------- compare --
+
+COMPARE_ARGS = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32"]
+
+
+def _class_folder(root, counts):
+    """root/<class>/<i>.png, 24 x 24 px; each class a band of brightness of its own."""
+    rng = np.random.default_rng(0)
+    for number, (label, count) in enumerate(counts.items()):
+        (root / label).mkdir(parents=True)
+        low = 80 * number
+        for i in range(count):
+            pixels = rng.integers(low, low + 60, size=(24, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / label / f"{i}.png")
+    return root
+
+
+def _table_rows(out):
+    """The row names of the table ``skt compare`` prints, in order."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("row ")) + 2
+    stop = lines.index("", start)
+    return [re.split(r"\s{2,}", line)[0] for line in lines[start:stop]], lines[start:stop]
+
+
+def test_compare_prints_the_demo_table_and_writes_its_files(tmp_path, capsys):
+    folder = _class_folder(tmp_path / "cells", {"bright": 12, "dark": 12})
+    output = tmp_path / "results"
+    status, out, err = run(capsys, "compare", str(folder), *COMPARE_ARGS, "--quick",
+                           "--output", str(output))
+    assert status == 0, err
+    assert "cells: 24 images in 2 classes, stratified 75/25 split (quick settings)" in out
+    names, lines = _table_rows(out)
+    assert names == [
+        "Majority class",
+        "Raw pixels + LogisticRegression",
+        "Raw pixels + LinearSVC",
+        "Raw pixels + PCA + LinearDiscriminantAnalysis",
+        "resnet18 features + LogisticRegression",
+        "resnet18 features + SVC (RBF)",
+        "resnet18 features + PCA + LinearDiscriminantAnalysis",
+        "resnet18 fine-tuned (1 epoch, 32 px)",
+    ]
+    # the majority class is right on half of the 6 held-out images; the classes'
+    # brightness bands do not overlap, so raw pixels + LogisticRegression gets them all
+    assert lines[0].split()[2:6] == ["0.500", "0.500", "0.333", "0.500"]
+    assert lines[1].split()[4:8] == ["1.000", "1.000", "1.000", "1.000"]
+    assert {p.name for p in output.iterdir()} == {"results.json", "results.md", "results.png",
+                                                  "cache"}
+    results = json.loads((output / "results.json").read_text())
+    assert [row["name"] for row in results["rows"]] == names
+    assert results["protocol"]["n_train"] == [18] and results["protocol"]["n_test"] == [6]
+    assert results["dataset"]["class_counts"] == {"bright": 12, "dark": 12}
+    assert results["settings"]["quick"] and results["settings"]["finetune"]
+    assert results["settings"]["weights"] is None and results["settings"]["cv"] == 3
+    markdown = (output / "results.md").read_text()
+    assert all(f"| {name} |" in markdown for name in names)
+    assert (output / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_without_finetuning_on_three_classes(tmp_path, capsys):
+    folder = _class_folder(tmp_path / "three", {"a": 8, "b": 8, "c": 8})
+    output = tmp_path / "out"
+    status, out, err = run(capsys, "compare", str(folder), *COMPARE_ARGS, "--no-finetune",
+                           "--test-size", "0.25", "--random-state", "3", "--output", str(output))
+    assert status == 0, err
+    names, _ = _table_rows(out)
+    assert len(names) == 7 and not any("fine-tuned" in name for name in names)
+    results = json.loads((output / "results.json").read_text())
+    assert results["settings"]["finetune"] is False and results["settings"]["cv"] == 5
+    assert results["protocol"]["random_state"] == 3
+    assert results["protocol"]["n_test"] == [6]  # two of each class
+    # macro one-vs-rest ROC-AUC, defined for three classes
+    assert all(0.0 <= row["metrics"]["roc_auc"] <= 1.0 for row in results["rows"])
+    assert results["rows"][0]["metrics"]["roc_auc"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        (None, "'{folder}' does not exist; give a folder with one subfolder of images per "
+               "class (FOLDER/<class>/<image>)."),
+        ({"cats": 12}, "'{folder}' holds one class ('cats', 12 images); a comparison needs "
+                       "two or more: put each class's images in a subfolder of their own"),
+        ({"cats": 12, "dogs": 5}, "Class 'dogs' has 5 images, too few for a stratified 75/25 "
+                                  "split with 5-fold grid searches on the training part, which "
+                                  "need 8 or more per class: add images to '{folder}/dogs', "
+                                  "or move that folder out of the comparison."),
+    ],
+)
+def test_compare_says_what_is_wrong_with_the_folder(layout, message, tmp_path, capsys):
+    folder = tmp_path / "pets"
+    if layout is not None:
+        _class_folder(folder, layout)
+    output = tmp_path / "out"
+    status, out, err = run(capsys, "compare", str(folder), *COMPARE_ARGS, "--output",
+                           str(output))
+    assert status == 1 and out == ""
+    assert err.startswith(f"skt: error: {message.format(folder=folder)}")
+    assert err.count("\n") == 1 and not output.exists()

@@ -20,6 +20,7 @@ MODULES = sorted(
 # section fails here instead of silently running nothing.
 WITH_EXAMPLES = {
     "skt.backbones._registry", "skt.backbones._resolve", "skt.backbones._layers",
+    "skt.backbones._shapes",
     "skt.backbones.efficientnet_lite", "skt.bench", "skt.bench._curve", "skt.bench._inputs",
     "skt.bench._machine",
     "skt.bench._rows", "skt.bench._run", "skt.cache", "skt.extractor", "skt.finetune",

@@ -14,6 +14,7 @@ from sklearn.utils._param_validation import InvalidParameterError
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
+import skt.extractor
 from skt import FeatureExtractor, cache_info
 from skt.backbones import resolve_backbone
 from skt.images import load_image, preprocess
@@ -337,3 +338,35 @@ def test_a_decoding_error_leaves_no_thread_behind(image_files, damaged):
     with pytest.raises(ValueError, match=r"Image 8 \('.*broken\.png'\) cannot be read"):
         extractor.transform([*image_files, damaged[1], *image_files])
     assert [t for t in threading.enumerate() if t.name.startswith("skt-decode")] == []
+
+
+# ------------------------------------------------------------------ crop mode --
+
+def test_squash_keeps_the_whole_image_and_center_crops_the_middle():
+    # A 28 px item with a bright 1 px frame, as framed datasets have.
+    item = np.zeros((1, 28, 28, 3), dtype=np.uint8)
+    item[:, :1], item[:, -1:], item[:, :, :1], item[:, :, -1:] = 255, 255, 255, 255
+    params = {"image_size": 64, "mean": 0.0, "std": 1.0, "layers": "conv1", "pooling": "max"}
+    center, squash = _fit(item, **params), _fit(item, **params, crop_mode="squash")
+    assert (center.preprocessing_.resize_size, squash.preprocessing_.resize_size) == (73, 64)
+    pixels = {name: preprocess(torch.from_numpy(item[0]).permute(2, 0, 1), e.preprocessing_)
+              for name, e in (("center", center), ("squash", squash))}
+    assert float(pixels["squash"][0, 0, 32]) > 0.9  # the border is in the squashed input
+    assert float(pixels["center"][0, 0, 32]) < 0.1  # and cut off by the centre crop
+    assert np.abs(center.transform(item) - squash.transform(item)).max() > 1e-4
+
+
+def test_crop_mode_is_validated(images):
+    with pytest.raises(InvalidParameterError, match="crop_mode"):
+        _fit(images, crop_mode="border")
+
+
+def test_extractors_that_differ_only_in_preprocessing_do_not_share_it(images):
+    # They share one network in memory; each must still preprocess its own way.
+    first = _fit(images, layers="conv1", mean=0.5).transform(images)
+    second = _fit(images, layers="conv1", mean=0.2).transform(images)
+    squashed = _fit(images, layers="conv1", mean=0.2, crop_mode="squash").transform(images)
+    skt.extractor._RUNTIMES.clear()
+    np.testing.assert_array_equal(_fit(images, layers="conv1", mean=0.2).transform(images),
+                                  second)
+    assert np.abs(first - second).max() > 1e-3 and np.abs(second - squashed).max() > 1e-3

@@ -172,10 +172,11 @@ def test_weights_file_and_preprocessing_parameters_as_for_feature_extractor(data
     trained = tiny_net(seed=1)
     torch.save(trained.state_dict(), tmp_path / "weights.pt")
     clf = make_clf(weights=str(tmp_path / "weights.pt"), freeze="all", mean=0.5, std=0.25,
-                   image_size=20).fit(X, y)
+                   image_size=20, crop_mode="squash").fit(X, y)
     assert clf.weights_ == f"path:{tmp_path / 'weights.pt'}"
     assert clf.preprocessing_.crop_size == 20
     assert clf.preprocessing_.mean == (0.5,) * 3 and clf.preprocessing_.std == (0.25,) * 3
+    assert (clf.preprocessing_.crop_mode, clf.preprocessing_.resize_size) == ("squash", 20)
     expected = weights_of(trained)
     assert all(unchanged(expected, weights_of(clf.model_), name)
                for name in ("0", "1", "3", "4"))

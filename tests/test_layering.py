@@ -130,9 +130,9 @@ heavy = ("torch", "sklearn", "matplotlib", "skt.bench", "skt.extractor")
 print(sorted(m for m in heavy if m in sys.modules))
 skt.FeatureExtractor, skt.FineTuneClassifier
 print("skt.extractor" in sys.modules, "skt.bench" in sys.modules)
-print(sorted(m for m in ("skada", "skorch", "dask", "distributed") if m in sys.modules))
+print(sorted(m for m in ("skada", "skorch", "dask", "distributed", "timm") if m in sys.modules))
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
-    # the optional extras (skt[da], skt[dask]) load only when their modules are used
+    # the optional extras (skt[da], skt[dask], skt[timm]) load only when their modules are used
     assert result.stdout.split("\n")[:3] == ["[]", "True False", "[]"]

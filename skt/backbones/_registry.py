@@ -20,6 +20,7 @@ import torchvision.models as tvm
 from torch import nn
 from torchvision.models import WeightsEnum
 
+from skt.backbones import _timm as timm_family
 from skt.backbones import efficientnet_lite as lite
 from skt.backbones._families import Layout, torchvision_layout
 from skt.images import Preprocessing
@@ -41,7 +42,7 @@ class BackboneFamily:
     name : str
         The family, e.g. ``"torchvision"``.
     names : callable
-        ``names()``: the backbone names it owns.
+        ``names()``: the backbone names it owns and :func:`list_backbones` lists.
     build : callable
         ``build(name, num_classes)``: a randomly initialised network
         (``num_classes=None`` for the family's default head).
@@ -58,6 +59,10 @@ class BackboneFamily:
         ``weights_on_disk(name)``: whether the default weights load offline.
     convert_state_dict : callable
         Maps a state dict saved by the weights' publisher onto the network's keys.
+    owns : callable or None
+        ``owns(name)``: whether the family takes backbone ``name``; None for
+        ``name in names()``. A family too large to list (timm's, by prefix)
+        owns more names than ``names()`` lists.
     """
 
     name: str
@@ -68,6 +73,11 @@ class BackboneFamily:
     layout: Callable[[str], Layout]
     weights_on_disk: Callable[[str], bool]
     convert_state_dict: Callable[[dict], dict] = lambda state: state
+    owns: Callable[[str], bool] | None = None
+
+    def __post_init__(self) -> None:
+        if self.owns is None:
+            object.__setattr__(self, "owns", lambda name: name in self.names())
 
 
 # ------------------------------------------------------------ torchvision --
@@ -190,9 +200,30 @@ EFFICIENTNET_LITE = BackboneFamily(
 )
 
 
+# -------------------------------------------------------------------- timm --
+
+def _timm_load(name: str, weights: Any) -> tuple[nn.Module, str]:
+    try:
+        return timm_family.load(name, weights)
+    except FileNotFoundError as exc:
+        raise WeightsNotFoundError(str(exc)) from exc
+
+
+TIMM = BackboneFamily(
+    name="timm",
+    names=lambda: [],  # any "timm:" + timm.list_models() name: too many to list
+    build=timm_family.build,
+    load=_timm_load,
+    preprocessing=timm_family.preprocessing,
+    layout=timm_family.layout,
+    weights_on_disk=timm_family.weights_on_disk,
+    owns=timm_family.owns,
+)
+
+
 # ---------------------------------------------------------------- registry --
 
-_FAMILIES: list[BackboneFamily] = [EFFICIENTNET_LITE, TORCHVISION]
+_FAMILIES: list[BackboneFamily] = [EFFICIENTNET_LITE, TIMM, TORCHVISION]
 
 
 def register_family(family: BackboneFamily) -> None:
@@ -202,6 +233,10 @@ def register_family(family: BackboneFamily) -> None:
 
 def list_backbones() -> list[str]:
     """Names accepted by ``backbone=``: torchvision classifiers and EfficientNet-Lite.
+
+    Any model of timm is accepted too, unlisted: ``"timm:<name>"`` for a name
+    of ``timm.list_models()``, or ``"timm:<name>.<tag>"`` for one of its
+    pretrained tags (``timm.list_pretrained()``); it needs the ``timm`` extra.
 
     Examples
     --------
@@ -213,8 +248,15 @@ def list_backbones() -> list[str]:
 
 
 def family_of(name: str) -> BackboneFamily | None:
-    """The family that owns backbone ``name``, or None."""
+    """The family that owns backbone ``name``, or None.
+
+    Examples
+    --------
+    >>> from skt.backbones import family_of
+    >>> family_of("resnet18").name, family_of("timm:convnext_atto").name
+    ('torchvision', 'timm')
+    """
     for family in _FAMILIES:
-        if name in family.names():
+        if family.owns(name):
             return family
     return None

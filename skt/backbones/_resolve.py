@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,7 +25,7 @@ __all__ = [
     "weights_available_offline",
 ]
 
-_STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+_STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 Stages = tuple[tuple[str, ...], ...]
 
 
@@ -78,12 +78,14 @@ def resolve_preprocessing(
     image_size: int | None = None,
     mean: Sequence[float] | float | None = None,
     std: Sequence[float] | float | None = None,
+    crop_mode: str | None = None,
 ) -> Preprocessing:
     """Combine the sources of preprocessing settings, most specific first.
 
     Explicit arguments override the configuration that came with the weights,
     which overrides ImageNet defaults. A new ``image_size`` keeps the weights'
-    ratio of crop to resize, so 224/256 becomes 160/183 for ``image_size=160``.
+    ratio of crop to resize, so 224/256 becomes 160/183 for ``image_size=160``;
+    ``crop_mode="squash"`` resizes to the crop size itself, with no crop.
 
     Examples
     --------
@@ -93,6 +95,10 @@ def resolve_preprocessing(
     (160, 183, (0.5, 0.5, 0.5))
     """
     config = weights_config or Preprocessing()
+    if crop_mode is not None and crop_mode != config.crop_mode:
+        resize = (config.crop_size if crop_mode == "squash"
+                  else round(config.crop_size / Preprocessing().crop_fraction))
+        config = replace(config, crop_mode=crop_mode, resize_size=resize)
     if image_size is not None:
         config = replace(config, crop_size=int(image_size),
                          resize_size=round(image_size / config.crop_fraction))
@@ -109,6 +115,7 @@ def _family(name: Any) -> BackboneFamily:
         raise ValueError(
             f"Unknown backbone {str(name)!r}."
             f"{close_matches(str(name), list_backbones(), n=5, cutoff=0.5)} "
+            "'timm:<name>' takes any model of timm.list_models(). "
             "skt.list_backbones() lists the valid names; an nn.Module instance is accepted too."
         )
     return family
@@ -128,16 +135,32 @@ def _is_path(weights: Any) -> bool:
     )
 
 
+def _safetensors_reader(path) -> Callable[..., dict[str, torch.Tensor]]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as exc:
+        raise ImportError(f"weights={str(path)!r} is a safetensors file; reading it needs "
+                          'safetensors, which comes with the safe extra: pip install "skt[safe]"'
+                          ) from exc
+    return load_file
+
+
 def _load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict in ``path``: a ``torch.save`` file, or ``.safetensors`` (Hugging Face hub)."""
     path = expand_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights={str(path)!r}: no such file. Pass the path of a "
                                 "state-dict file, a weights name such as 'DEFAULT', or None.")
+    safetensors = path.suffix.lower() == ".safetensors"
+    read_safetensors = _safetensors_reader(path) if safetensors else None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = (read_safetensors(path, device="cpu") if read_safetensors
+                 else torch.load(path, map_location="cpu", weights_only=True))
     except Exception as exc:
+        how = ("safetensors.torch.save_file(model.state_dict(), path)" if safetensors
+               else "torch.save(model.state_dict(), path)")
         raise ValueError(f"weights={str(path)!r} could not be read as a state dict "
-                         f"({exc}). Save it with torch.save(model.state_dict(), path).") from exc
+                         f"({exc}). Save it with {how}.") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
@@ -202,7 +225,8 @@ def _random_init(family: BackboneFamily, name: str, random_state: Any) -> nn.Mod
         return family.build(name, None)
 
 
-def _resolve_module(module: nn.Module, weights: Any, image_size, mean, std) -> Backbone:
+def _resolve_module(module: nn.Module, weights: Any, image_size, mean, std,
+                    crop_mode) -> Backbone:
     model = copy.deepcopy(module)
     if weights is not None and not (isinstance(weights, str) and weights == "DEFAULT"):
         if not _is_path(weights):
@@ -214,7 +238,8 @@ def _resolve_module(module: nn.Module, weights: Any, image_size, mean, std) -> B
     label = "module" if weights in (None, "DEFAULT") else f"path:{os.fspath(weights)}"
     classifier = classifier_name(model)
     return Backbone(model.eval(), type(module).__name__, label,
-                    resolve_preprocessing(None, image_size, mean, std), rebuildable=False,
+                    resolve_preprocessing(None, image_size, mean, std, crop_mode),
+                    rebuildable=False,
                     classifier=classifier, stages=_module_stages(model, classifier))
 
 
@@ -225,6 +250,7 @@ def resolve_backbone(
     image_size: int | None = None,
     mean: Any = None,
     std: Any = None,
+    crop_mode: str | None = None,
     random_state: Any = None,
 ) -> Backbone:
     """Build the network for ``backbone`` with ``weights``, its preprocessing and layout.
@@ -232,17 +258,23 @@ def resolve_backbone(
     Parameters
     ----------
     backbone : str or nn.Module
-        A name from :func:`list_backbones`, or a module the user built (which is
-        deep-copied, never modified).
+        A name from :func:`list_backbones`, ``"timm:<name>"`` for any model of
+        ``timm.list_models()`` (``"timm:<name>.<tag>"`` for a pretrained tag's
+        configuration), or a module the user built (which is deep-copied,
+        never modified).
     weights : {"DEFAULT"}, str, path, WeightsEnum or None
         ``"DEFAULT"`` or an enum member name (``"IMAGENET1K_V2"``) for
-        pretrained weights, a path to a state-dict file, or None for random
-        initialisation. For a user module, None and ``"DEFAULT"`` both mean
-        "as given".
+        pretrained weights (for ``"timm:<name>"``, a pretrained tag such as
+        ``"in1k"``), a path to a state-dict file (``torch.save`` or
+        ``.safetensors``), or None for random initialisation. For a user
+        module, None and ``"DEFAULT"`` both mean "as given".
     image_size : int, optional
         Overrides the crop size of the weights' preprocessing.
     mean, std : float or sequence of 3 floats, optional
         Override the normalisation (a user module gets ImageNet's by default).
+    crop_mode : {"center", "squash"}, optional
+        Overrides how the weights' preprocessing frames images
+        (see :class:`skt.images.Preprocessing`).
     random_state : int, RandomState or None
         Seeds random initialisation (``weights=None``) so that it is repeatable.
 
@@ -258,7 +290,7 @@ def resolve_backbone(
     ('fc', 64, ('layer1',))
     """
     if isinstance(backbone, nn.Module):
-        return _resolve_module(backbone, weights, image_size, mean, std)
+        return _resolve_module(backbone, weights, image_size, mean, std, crop_mode)
     family = _family(backbone)
     name = backbone
     if weights is None:
@@ -272,8 +304,9 @@ def resolve_backbone(
         rebuildable = True
     base = family.preprocessing(name, None if weights is None or _is_path(weights) else weights)
     layout = family.layout(name)
-    return Backbone(model.eval(), name, label, resolve_preprocessing(base, image_size, mean, std),
-                    rebuildable, layout.classifier, tuple(layout.stages(model)))
+    config = resolve_preprocessing(base, image_size, mean, std, crop_mode)
+    return Backbone(model.eval(), name, label, config, rebuildable, layout.classifier,
+                    tuple(layout.stages(model)))
 
 
 def list_stages(backbone: str | nn.Module) -> list[tuple[str, ...]]:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from skt.backbones import PRE_LOGITS, TRACER_KWARGS
+from skt.backbones import PRE_LOGITS, tracer_kwargs
 from skt.pooling import LayerLayout, summarize, summary_kind
 
 __all__ = ["FeatureModel", "build_feature_model", "truncate"]
@@ -56,7 +56,7 @@ def _traced(model: nn.Module, return_nodes) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "eval nodes are a subsequence..."
         return create_feature_extractor(model, return_nodes=return_nodes,
-                                        tracer_kwargs=TRACER_KWARGS)
+                                        tracer_kwargs=tracer_kwargs())
 
 
 def truncate(model: nn.Module, layers: list[str], classifier: str | None) -> nn.Module:

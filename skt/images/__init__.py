@@ -15,6 +15,7 @@ from skt.images._decode import apply_orientation, load_image
 from skt.images._folder import list_image_files, load_image_folder
 from skt.images._preprocess import (
     AUGMENTATIONS,
+    CROP_MODES,
     DIHEDRAL_VIEWS,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -29,6 +30,7 @@ from skt.images._validate import as_image_list, describe_item
 
 __all__ = [
     "AUGMENTATIONS",
+    "CROP_MODES",
     "DIHEDRAL_VIEWS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

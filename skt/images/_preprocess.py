@@ -8,12 +8,16 @@ from dataclasses import dataclass
 import torch
 import torchvision.transforms.v2.functional as TF
 
-__all__ = ["AUGMENTATIONS", "DIHEDRAL_VIEWS", "IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing",
-           "dihedral_view", "preprocess", "random_crop_box", "view_count",
+__all__ = ["AUGMENTATIONS", "CROP_MODES", "DIHEDRAL_VIEWS", "IMAGENET_MEAN", "IMAGENET_STD",
+           "Preprocessing", "dihedral_view", "preprocess", "random_crop_box", "view_count",
            "view_of"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+CROP_MODES = ("center", "squash")
+"""Values of ``crop_mode``: resize the shorter side and cut the centre, or resize the whole
+image to the square input (no crop)."""
 
 AUGMENTATIONS = (None, "flip", "dihedral", "standard")
 """Values of ``augment``: none, random horizontal flips, random flips and quarter turns
@@ -62,9 +66,13 @@ def view_of(draw: int, augment: str | None) -> int:
 class Preprocessing:
     """Resize, centre-crop and normalisation applied to every image.
 
-    Images are resized so that their shorter side is ``resize_size`` (keeping
-    the aspect ratio), centre-cropped to ``crop_size`` x ``crop_size``, scaled
-    to [0, 1] and normalised with ``mean`` and ``std`` per RGB channel.
+    With ``crop_mode="center"``, images are resized so that their shorter
+    side is ``resize_size`` (keeping the aspect ratio) and centre-cropped to
+    ``crop_size`` x ``crop_size``. With ``"squash"``, for images that are
+    already framed, the whole image is resized to ``crop_size`` x
+    ``crop_size`` (stretched if it is not square; timm's ``crop_mode``) and
+    ``resize_size`` equals ``crop_size``. Then pixels are scaled to [0, 1]
+    and normalised with ``mean`` and ``std`` per RGB channel.
     """
 
     crop_size: int = 224
@@ -72,6 +80,14 @@ class Preprocessing:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
+    crop_mode: str = "center"
+
+    def __post_init__(self) -> None:
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"crop_mode={self.crop_mode!r}; choose one of {CROP_MODES}.")
+        if self.crop_mode == "squash" and self.resize_size != self.crop_size:
+            raise ValueError(f"crop_mode='squash' resizes to crop_size ({self.crop_size}); "
+                             f"resize_size is {self.resize_size}, it must equal it.")
 
     @property
     def crop_fraction(self) -> float:
@@ -139,7 +155,8 @@ def preprocess(image: torch.Tensor, config: Preprocessing, augment: str | None =
     """Resize, crop and normalise one ``(3, H, W)`` image.
 
     ``augment=None`` is the evaluation transform: resize the shorter side,
-    centre-crop. ``"flip"`` adds a random horizontal flip; ``"dihedral"`` a
+    centre-crop (or, with ``config.crop_mode="squash"``, resize the whole
+    image to the square input). ``"flip"`` adds a random horizontal flip; ``"dihedral"`` a
     random one of the 8 flips and quarter turns (:func:`dihedral_view`),
     for images with no up or down; ``"standard"`` is a
     random resized crop (:func:`random_crop_box`, scale 0.25-1, aspect
@@ -161,6 +178,9 @@ def preprocess(image: torch.Tensor, config: Preprocessing, augment: str | None =
         image = TF.resized_crop(image, top, left, height, width,
                                 [config.crop_size, config.crop_size],
                                 interpolation=interpolation, antialias=True)
+    elif config.crop_mode == "squash":
+        image = TF.resize(image, [config.crop_size, config.crop_size],
+                          interpolation=interpolation, antialias=True)
     else:
         image = _trim_long_side(image, config)
         image = TF.resize(image, config.resize_size, interpolation=interpolation, antialias=True)

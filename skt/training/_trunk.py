@@ -22,7 +22,7 @@ from torch import fx, nn
 from torch.fx.passes.split_module import split_module
 from torchvision.models.feature_extraction import NodePathTracer
 
-from skt.backbones import TRACER_KWARGS
+from skt.backbones import tracer_kwargs
 
 __all__ = ["MEMORY_BYTES", "Trunk", "TrunkStore", "split_network"]
 
@@ -43,7 +43,7 @@ def _split_graph(model: nn.Module, frozen: list[str]) -> fx.GraphModule | None:
     first block, say); everything else, including what follows the last
     frozen stage, is the rest.
     """
-    tracer = NodePathTracer(**TRACER_KWARGS)
+    tracer = NodePathTracer(**tracer_kwargs())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = tracer.trace(model)
