@@ -7,7 +7,10 @@ H-score (``skt.rank_backbones``, one extraction each, feature cache) and the
 cross-validated accuracy of a linear probe (StandardScaler +
 LogisticRegression, 5 folds) on the same cached features. Then Kendall's tau
 between each score and the probe accuracy, and whether the random-init
-controls rank last. Fashion-MNIST needs its IDX files (Debian's
+controls rank last. Then test-time augmentation on features
+(``FeatureExtractor(tta=...)``): the same probe on Lite0's features of each
+image alone, averaged with its mirror image (``"flip"``) and over its 8 flips
+and quarter turns (``"dihedral"``). Fashion-MNIST needs its IDX files (Debian's
 ``dataset-fashion-mnist`` or ``$SKT_DATA/fashion-mnist``); without them it is
 skipped with a message.
 
@@ -74,13 +77,34 @@ def _run(name: str, args, cache: str) -> None:
         for metric in ("logme", "hscore"):
             [row] = _as_rows(rank_backbones(X, y, [extractor], metric=metric))
             scores[metric] = row["score"]
-        features = extractor.fit(X).transform(X)  # from the cache
-        probe = cross_val_score(make_pipeline(StandardScaler(), LogisticRegression(
-            max_iter=3000)), features, y, cv=folds).mean()
+        probe = _probe(extractor.fit(X).transform(X), y, folds)  # features from the cache
         label = f"{row['backbone']}:{row['layer']}"
         rows.append({"label": label, "control": control, "probe": probe, **scores})
         print(f"  {label:<42} {scores['logme']:7.3f} {scores['hscore']:7.3f} {probe:6.3f} "
               f"{time.perf_counter() - start:6.1f}", flush=True)
+    _report_ranks(rows)
+    _run_tta(X, y, args.image_size, cache, folds)
+
+
+def _probe(features, y, folds) -> float:
+    return cross_val_score(make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)),
+                           features, y, cv=folds).mean()
+
+
+def _run_tta(X, y, image_size: int, cache: str, folds) -> None:
+    """The probe on Lite0 features without and with test-time augmentation."""
+    print(f"  {'test-time augmentation (Lite0)':<42} {'probe':>6} {'s':>6}")
+    for layer in LITE_LAYERS:
+        for tta in (None, "flip", "dihedral"):
+            start = time.perf_counter()
+            extractor = FeatureExtractor("efficientnet_lite0", layers=layer, tta=tta,
+                                         image_size=image_size, cache=cache)
+            probe = _probe(extractor.fit(X).transform(X), y, folds)
+            label = f"{layer or 'pre_logits'}, tta={tta}"
+            print(f"  {label:<42} {probe:6.3f} {time.perf_counter() - start:6.1f}", flush=True)
+
+
+def _report_ranks(rows: list[dict]) -> None:
     probe = [row["probe"] for row in rows]
     for metric in ("logme", "hscore"):
         tau = kendalltau([row[metric] for row in rows], probe).statistic

@@ -81,7 +81,9 @@ __all__ = ["FORMAT_VERSION", "MEMORY_BUDGET", "FeatureCache", "cache_info",
            "fingerprint_module", "forget_memory", "open_cache", "seal", "unseal",
            "write_cache_file"]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+"""Part of every configuration's key: a new version (3: GeM summaries hold the root, token
+summaries the class token) leaves older entries unread rather than misread."""
 MEMORY_BUDGET = 256 * 2**20
 """Bytes of entries this process keeps in memory, least recently used first out.
 

@@ -30,13 +30,14 @@ from skt.cache import (
     open_cache,
 )
 from skt.extract import FeatureRuntime, extract_into, resolve_device
-from skt.images import as_image_list
-from skt.pooling import POOLINGS
+from skt.images import as_image_list, view_count, view_of
+from skt.pooling import POOLINGS, TOKEN_POOLINGS
 
 __all__ = ["FeatureExtractor"]
 
 _BACKBONES = LRU(max_items=2)  # resolved networks, shared read-only by fitted extractors
 _RUNTIMES = LRU(max_items=4)  # truncated networks ready to run, per layer/pooling/device
+_WARNED_POOLING: set[tuple] = set()  # configurations whose ignored pooling was warned about
 
 
 def _hash_layout(layout) -> str:
@@ -99,10 +100,20 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         None for the penultimate features (the input of the final classifier);
         a graph node name, or several, whose pooled outputs are concatenated in
         the given order. :func:`skt.list_layers` lists them.
-    pooling : {"avg", "max", "gem", "avgmax", "flatten"}, default="avg"
-        How an ``(N, C, H, W)`` layer output becomes a row: average, maximum,
-        generalised mean (p=3), average and maximum concatenated, or the whole
-        map flattened. Already-pooled ``(N, D)`` outputs are used as they are.
+    pooling : {"avg", "max", "gem", "avgmax", "cls", "clsavg", "flatten"}, default="avg"
+        How a layer output becomes a row. Maps, ``(N, C, H, W)`` or
+        channels-last ``(N, H, W, C)`` (Swin), and the patch tokens of
+        ``(N, T, C)`` transformer layers: average, maximum, generalised mean
+        (p=3), average and maximum concatenated, or the whole output
+        flattened. Transformer layers of a model with a class token (ViT)
+        also take ``"cls"``, the class token, and ``"clsavg"``, the class
+        token then the mean of the patch tokens; class and register tokens
+        never enter ``avg``, ``max`` or ``gem``. Already-pooled ``(N, D)``
+        outputs (the default layer) are used as they are, whatever the
+        pooling: ``fit`` warns once when a pooling is asked for there, and
+        the feature names do not depend on it. Several layers, e.g. the last
+        four blocks of a ViT with ``"cls"``, are concatenated as DINO's
+        linear probe does.
     image_size : int, optional
         Crop size fed to the network; default from the weights (224 for most,
         240 and 260 for EfficientNet-Lite1/2). The resize before the crop keeps
@@ -146,6 +157,14 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         CUDA/MPS); a failed export falls back to torch with a warning. Both
         engines use ``torch.get_num_threads()`` threads: set them with
         ``torch.set_num_threads``.
+    tta : {None, "flip", "dihedral"}, default=None
+        Test-time augmentation: each row is the mean of the features of the
+        image and its mirror image (``"flip"``), or of its 8 flips and
+        quarter turns (``"dihedral"``, :func:`skt.images.dihedral_view`), for
+        top-down images with no up or down (cells, tissue, satellite tiles).
+        Each image is decoded once; the views go through the network batch
+        by batch, so extraction takes 2 or 8 times as long. Cached as its
+        own configuration.
     dtype : {"float16", "bfloat16"} or None, default=None
         Autocast precision on CUDA. Ignored on the CPU, where it would be slower.
     on_error : {"raise", "skip"}, default="raise"
@@ -208,6 +227,7 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         **RUNTIME_CONSTRAINTS,
         "layers": [str, list, tuple, None],
         "pooling": [StrOptions(set(POOLINGS))],
+        "tta": [StrOptions({"flip", "dihedral"}), None],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "cache": [str, os.PathLike, joblib.Memory, None],
         "engine": [StrOptions({"auto", "torch", "onnx"})],
@@ -232,6 +252,7 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         num_workers=None,
         cache=None,
         engine="auto",
+        tta=None,
         dtype=None,
         on_error="raise",
         random_state=None,
@@ -250,6 +271,7 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         self.num_workers = num_workers
         self.cache = cache
         self.engine = engine
+        self.tta = tta
         self.dtype = dtype
         self.on_error = on_error
         self.random_state = random_state
@@ -295,10 +317,30 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
                                    for layer in self._layout)
         self.engine_ = runtime.engine.name
         self.skipped_ = []
+        self._warn_pooling_ignored()
         if self.verbose:
             print(f"skt: {self._label()} with the {self.engine_} engine on "
                   f"{resolve_device(self.device, fallback=True)}", file=sys.stderr)
         return self
+
+    def _warn_pooling_ignored(self) -> None:
+        """Warn, once per process and configuration, that ``pooling`` changes nothing here.
+
+        A grid over pooling at the default layer would otherwise fit identical
+        candidates without a word (their feature names are equal too).
+        """
+        if self.pooling == "avg" or any(layer.kind != "vector" for layer in self._layout):
+            return
+        key = (self._fingerprint, tuple(self.layers_), self.pooling)
+        if key in _WARNED_POOLING:
+            return
+        _WARNED_POOLING.add(key)
+        names = ", ".join(repr(layer.name) for layer in self._layout)
+        warnings.warn(
+            f"pooling={self.pooling!r} has no effect: layer {names} of {self._label()} is "
+            "already pooled, a vector per image, so every pooling gives the same features. "
+            "Name a map or token layer (skt.list_layers) to compare poolings.",
+            UserWarning, stacklevel=4)  # past fit and scikit-learn's _fit_context
 
     def _label(self) -> str:
         return self.backbone if isinstance(self.backbone, str) else type(self.backbone).__name__
@@ -342,8 +384,10 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
                                       engine=self.engine, dtype=self.dtype,
                                       graph_path=self._graph_path)
 
-            # Every pooling but "flatten" runs the same graph: its summaries serve them all.
-            key = (self._fingerprint, tuple(self.layers_), self.pooling == "flatten",
+            # Every pooling but "flatten" runs the same graph: its summaries serve them all;
+            # the class-token ones are checked against the layers when the graph is built.
+            pooling = self.pooling if self.pooling in ("flatten", *TOKEN_POOLINGS) else None
+            key = (self._fingerprint, tuple(self.layers_), pooling,
                    self.preprocessing_, str(device), self.dtype, self.engine)
             self._runtime = _RUNTIMES.get_or_make(key, make)
         return self._runtime
@@ -372,6 +416,7 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
             "weights_hash": self._fingerprint,
             "preprocessing": asdict(self.preprocessing_),
             "dtype": self.dtype,
+            **({"tta": self.tta} if self.tta else {}),  # keys without TTA stay as they were
         }
 
     def transform(self, X):
@@ -437,7 +482,8 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
     def _extract(self, images, out: np.ndarray, failures: dict[int, str] | None) -> None:
         """Fill ``out`` with the features of validated ``images``; record ``skipped_``."""
         with image_progress(len(images), self._label(), disable=not self.verbose) as progress:
-            extract_into(out, images, self._get_runtime(), self.pooling,
+            views = [view_of(draw, self.tta) for draw in range(view_count(self.tta))]
+            extract_into(out, images, self._get_runtime(), self.pooling, views=views,
                          batch_size=self.batch_size,
                          num_workers=resolve_num_workers(self.num_workers),
                          cache=open_cache(self.cache), description=self._cache_description(),

@@ -379,12 +379,13 @@ def test_config_key_rewrites_a_damaged_or_foreign_description(tmp_path):
 # ---------------------------------------------------------------- sealing --
 
 def test_sealed_files_know_their_place_in_the_cache(tmp_path):
-    place = tmp_path / "skt-features" / "v2" / "config" / "layer" / "ab" / "abcd"
+    place = tmp_path / "skt-features" / f"v{FORMAT_VERSION}" / "config" / "layer" / "ab" / "abcd"
     data = seal(place, b"payload")
     assert len(data) == len(b"payload") + 16
     assert unseal(place, data) == b"payload"
     # The same place in a cache folder moved elsewhere, even one inside a folder of that name.
-    moved = tmp_path / "skt-features" / "backup" / "skt-features" / "v2" / "config" / "layer"
+    moved = (tmp_path / "skt-features" / "backup" / "skt-features" / f"v{FORMAT_VERSION}"
+             / "config" / "layer")
     assert unseal(moved / "ab" / "abcd", data) == b"payload"
     for wrong in (place.with_name("abce"), place.parent.parent / "other" / "ab" / "abcd"):
         assert unseal(wrong, data) is None
@@ -393,8 +394,8 @@ def test_sealed_files_know_their_place_in_the_cache(tmp_path):
 
 
 def test_cache_format_is_versioned(tmp_path):
-    assert FORMAT_VERSION == 2
-    assert FeatureCache(tmp_path).root == tmp_path / "skt-features" / "v2"
+    assert FORMAT_VERSION == 3
+    assert FeatureCache(tmp_path).root == tmp_path / "skt-features" / "v3"
 
 
 # ------------------------------------------------------------------ paths --
@@ -451,7 +452,7 @@ def test_cache_info_and_clear_need_an_existing_folder(tmp_path):
 
 def test_cache_info_reports_an_unreadable_description(images, tmp_path):
     FeatureExtractor(**TINY, cache=tmp_path).fit(images).transform(images)
-    (config,) = (tmp_path / "skt-features" / "v2").iterdir()
+    (config,) = (tmp_path / "skt-features" / f"v{FORMAT_VERSION}").iterdir()
     path = config / "config.json"
     path.write_text('{"backbone": "res')
     with pytest.warns(RuntimeWarning) as caught:
@@ -467,8 +468,8 @@ def test_check_cache_writable(tmp_path):
     check_cache_writable(None)
     check_cache_writable(joblib.Memory(None, verbose=0))
     check_cache_writable(tmp_path / "new")
-    assert (tmp_path / "new" / "skt-features" / "v2").is_dir()  # created, and left empty
-    assert list((tmp_path / "new" / "skt-features" / "v2").iterdir()) == []
+    created = tmp_path / "new" / "skt-features" / f"v{FORMAT_VERSION}"
+    assert created.is_dir() and list(created.iterdir()) == []  # created, and left empty
     blocker = tmp_path / "blocker"
     blocker.write_text("")
     with pytest.raises(NotADirectoryError) as caught:

@@ -19,7 +19,7 @@ from skt.extract import (
     resolve_device,
     truncate,
 )
-from skt.images import as_image_list
+from skt.images import as_image_list, preprocess
 
 from .conftest import TINY, require
 
@@ -275,3 +275,162 @@ def test_pil_twins_that_differ_in_orientation_do_not_share_a_cache_entry(images,
                           description={"net": "r18"})
         np.testing.assert_allclose(cached, expected, rtol=1e-5, atol=1e-6)
     assert cache_info(tmp_path)["entries"] == 2
+
+
+# ---------------------------------------------- transformer and channels-last layers --
+
+def _tiny_vit():
+    from torchvision.models import VisionTransformer
+    torch.manual_seed(0)
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                             hidden_dim=16, mlp_dim=32, num_classes=5)
+
+
+def _raw_output(module, layer, x):
+    seen = {}
+    handle = module.get_submodule(layer).register_forward_hook(
+        lambda mod, args, out: seen.setdefault("out", out))
+    with torch.inference_mode():
+        module.eval()(x)
+    handle.remove()
+    return seen["out"]
+
+
+def _fitted(backbone, images, **params):
+    return FeatureExtractor(backbone, weights=None, image_size=32, engine="torch",
+                            **params).fit(images)
+
+
+@pytest.mark.parametrize(("pooling", "width"), [("cls", 16), ("avg", 16), ("gem", 16),
+                                                ("clsavg", 32), ("avgmax", 32)])
+def test_vit_block_poolings_equal_a_hand_computation(images, pooling, width):
+    vit = _tiny_vit()
+    layer = "encoder.layers.encoder_layer_1"
+    extractor = _fitted(vit, images, layers=layer, pooling=pooling)
+    assert extractor._layout[0].kind == "tokens"
+    x = torch.stack([preprocess(torch.from_numpy(a).permute(2, 0, 1),
+                                extractor.preprocessing_) for a in images])
+    tokens = _raw_output(vit, layer, x)  # (8, 1 + 16, 16): the class token, 4x4 patches
+    assert tokens.shape == (8, 17, 16)
+    cls, patches = tokens[:, 0], tokens[:, 1:]
+    gem = (patches.clamp(min=1e-6) ** 3).mean(1) ** (1 / 3)
+    expected = {"cls": cls, "avg": patches.mean(1), "gem": gem,
+                "clsavg": torch.cat([cls, patches.mean(1)], 1),
+                "avgmax": torch.cat([patches.mean(1), patches.amax(1)], 1)}[pooling]
+    features = extractor.transform(images)
+    assert features.shape == (8, width)
+    np.testing.assert_allclose(features, expected.numpy(), rtol=1e-4, atol=1e-5)
+    assert extractor.get_feature_names_out()[0] == f"{layer}_{pooling[:3]}_0"
+
+
+def test_vit_default_layer_is_the_class_token_its_head_reads(images):
+    vit = _tiny_vit()
+    extractor = _fitted(vit, images)
+    x = torch.stack([preprocess(torch.from_numpy(a).permute(2, 0, 1),
+                                extractor.preprocessing_) for a in images])
+    head_input = _raw_output(vit, "encoder", x)[:, 0]  # encoder.ln output, class token
+    np.testing.assert_allclose(extractor.transform(images), head_input.numpy(), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_patch_embedding_before_the_class_token_has_none(images):
+    with pytest.raises(ValueError, match=r"pooling='cls' takes the class token, and layer "
+                                         r"'conv_proj' \(\(16, 4, 4\) per image\) has none"):
+        _fitted(_tiny_vit(), images, layers="conv_proj", pooling="cls")
+    with pytest.raises(ValueError, match="layer 'layer3' .* has none"):
+        _fitted("resnet18", images, layers="layer3", pooling="cls")
+
+
+def test_swin_channels_last_stage_pools_over_height_and_width(images):
+    from torchvision.models import SwinTransformer
+    torch.manual_seed(0)
+    swin = SwinTransformer(patch_size=[4, 4], embed_dim=12, depths=[1, 1], num_heads=[1, 1],
+                           window_size=[2, 2], num_classes=3)
+    extractor = _fitted(swin, images, layers="features.1", pooling="avgmax")
+    x = torch.stack([preprocess(torch.from_numpy(a).permute(2, 0, 1),
+                                extractor.preprocessing_) for a in images])
+    maps = _raw_output(swin, "features.1", x)
+    assert maps.shape == (8, 8, 8, 12)  # (N, H, W, C)
+    expected = torch.cat([maps.mean((1, 2)), maps.amax((1, 2))], 1)
+    np.testing.assert_allclose(extractor.transform(images), expected.numpy(), rtol=1e-4,
+                               atol=1e-5)
+    assert extractor.n_features_out_ == 24
+
+
+class _Windows(nn.Module):
+    """Cuts maps into 4x4 windows stacked along the first axis, as window attention does."""
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        return x.reshape(n, c, h // 4, 4, w // 4, 4).permute(0, 2, 4, 1, 3, 5).reshape(-1, c, 4, 4)
+
+
+def test_a_layer_that_mixes_images_with_windows_is_refused(images):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _Windows(), nn.Flatten(),
+                          nn.Linear(64, 2))
+    with pytest.raises(ValueError, match=r"Layer '1' gives \(128, 4, 4, 4\) for 2 images: its "
+                                         "first axis is not the images"):
+        _fitted(model, images, layers="1")
+
+
+def test_timm_vit_registers_stay_out_of_the_patch_mean(images):
+    timm = pytest.importorskip("timm", reason="the timm extra: pip install 'skt[timm]'")
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
+                            embed_dim=16, num_heads=2, reg_tokens=4, num_classes=3)
+    extractor = _fitted(vit, images, layers="blocks.1", pooling="clsavg")
+    x = torch.stack([preprocess(torch.from_numpy(a).permute(2, 0, 1),
+                                extractor.preprocessing_) for a in images])
+    tokens = _raw_output(vit, "blocks.1", x)
+    assert tokens.shape == (8, 1 + 4 + 16, 16)
+    expected = torch.cat([tokens[:, 0], tokens[:, 5:].mean(1)], 1)
+    np.testing.assert_allclose(extractor.transform(images), expected.numpy(), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_onnx_engine_pools_tokens_as_torch_does(images, tmp_path):
+    vit = _tiny_vit()
+    params = {"layers": ["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1"],
+              "pooling": "clsavg", "cache": tmp_path}
+    eager = _fitted(vit, images, **params)
+    exported = FeatureExtractor(vit, weights=None, image_size=32, engine="onnx",
+                                **params).fit(images)
+    assert exported.engine_ == "onnx"
+    np.testing.assert_allclose(exported.transform(images), eager.transform(images),
+                               rtol=1e-4, atol=1e-4)
+
+
+def _timm_swin():
+    timm = pytest.importorskip("timm", reason="the timm extra: pip install 'skt[timm]'")
+    torch.manual_seed(0)
+    return timm.create_model("swin_tiny_patch4_window7_224", img_size=32, window_size=2,
+                             embed_dim=12, depths=(1, 1), num_heads=(1, 1), num_classes=3)
+
+
+def _torchvision_convnext():
+    from torchvision.models import ConvNeXt
+    from torchvision.models.convnext import CNBlockConfig
+    torch.manual_seed(0)
+    return ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=3)
+
+
+@pytest.mark.parametrize(("make", "layer", "axes", "shape"), [
+    (_timm_swin, "layers.1", (1, 2), (8, 4, 4, 24)),  # timm's Swin stages are channels-last
+    (_torchvision_convnext, "features.3", (2, 3), (8, 16, 4, 4)),
+    (lambda: pytest.importorskip("timm") and "timm:convnext_atto", "stages.1", (2, 3),
+     (8, 80, 4, 4)),
+])
+def test_stage_pooling_follows_the_channel_axis(images, make, layer, axes, shape):
+    backbone = make()
+    extractor = FeatureExtractor(backbone, weights=None, image_size=32, engine="torch",
+                                 random_state=0, layers=layer, pooling="avgmax").fit(images)
+    x = torch.stack([preprocess(torch.from_numpy(a).permute(2, 0, 1),
+                                extractor.preprocessing_) for a in images])
+    maps = _raw_output(extractor.model_, layer, x)
+    assert tuple(maps.shape) == shape
+    expected = torch.cat([maps.mean(axes), maps.amax(axes)], 1)
+    np.testing.assert_allclose(extractor.transform(images), expected.numpy(), rtol=1e-4,
+                               atol=1e-5)
+    channels = expected.shape[1] // 2
+    assert list(extractor.get_feature_names_out()[[0, channels]]) == [f"{layer}_avg_0",
+                                                                      f"{layer}_max_0"]

@@ -340,6 +340,49 @@ def test_a_decoding_error_leaves_no_thread_behind(image_files, damaged):
     assert [t for t in threading.enumerate() if t.name.startswith("skt-decode")] == []
 
 
+# ------------------------------------------------------ test-time augmentation --
+
+@pytest.mark.parametrize("tta", ["flip", "dihedral"])
+@pytest.mark.parametrize("pooling", ["avg", "gem", "max"])
+def test_tta_is_the_mean_of_the_views_features(images, tta, pooling):
+    from skt.images import dihedral_view
+    square = images[:, :40, :40]  # turns keep the shape; squash keeps the whole image
+    params = {"layers": "layer3", "pooling": pooling, "crop_mode": "squash", "image_size": 40}
+    plain = _fit(square, **params)
+    views = (0, 4) if tta == "flip" else range(8)
+    per_view = [plain.transform(np.stack([
+        dihedral_view(torch.from_numpy(a).permute(2, 0, 1), v).permute(1, 2, 0).numpy()
+        for a in square])) for v in views]
+    augmented = _fit(square, **params, tta=tta).transform(square)
+    np.testing.assert_allclose(augmented, np.mean(per_view, axis=0), rtol=1e-5, atol=1e-6)
+    assert np.abs(augmented - per_view[0]).max() > 1e-3  # the views do differ
+
+
+def test_tta_is_cached_as_its_own_configuration(images, tmp_path):
+    plain = _fit(images, cache=tmp_path).transform(images)
+    flipped = _fit(images, cache=tmp_path, tta="flip").transform(images)
+    configs = cache_info(tmp_path)["configs"]
+    assert sorted(c["description"].get("tta") or "none" for c in configs) == ["flip", "none"]
+    assert np.abs(plain - flipped).max() > 1e-4
+    np.testing.assert_array_equal(_fit(images, cache=tmp_path, tta="flip").transform(images),
+                                  flipped)
+
+
+# ------------------------------------------------------------- pooling warning --
+
+def test_pooling_at_an_already_pooled_layer_warns_once(images):
+    params = {**TINY, "random_state": 123}  # a configuration no other test has warned about
+    with pytest.warns(UserWarning, match=r"pooling='gem' has no effect: layer 'pre_logits' of "
+                                         r"resnet18 is already pooled"):
+        gem = FeatureExtractor(**params, pooling="gem").fit(images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FeatureExtractor(**params, pooling="gem").fit(images)  # a GridSearchCV refit: quiet
+        avg = FeatureExtractor(**params).fit(images)  # the default pooling: quiet
+    np.testing.assert_array_equal(gem.transform(images), avg.transform(images))
+    assert list(gem.get_feature_names_out()) == list(avg.get_feature_names_out())
+
+
 # ------------------------------------------------------------------ crop mode --
 
 def test_squash_keeps_the_whole_image_and_center_crops_the_middle():

@@ -38,7 +38,14 @@ import skt.cache
 import skt.extract._engines
 import skt.extractor
 from skt import FeatureExtractor, cache_info, clear_cache
-from skt.cache import FeatureCache, check_cache_writable, forget_memory, seal, unseal
+from skt.cache import (
+    FORMAT_VERSION,
+    FeatureCache,
+    check_cache_writable,
+    forget_memory,
+    seal,
+    unseal,
+)
 from skt.cli import kill_and_resume, main, read_jsonl
 from skt.extract import TorchEngine
 from skt.training import Callback, Trunk, _trunk
@@ -230,7 +237,7 @@ def test_a_damaged_entry_is_discarded_and_recomputed(images, counter, tmp_path, 
 def test_entries_written_before_the_format_carried_their_place_miss(images, counter, tmp_path):
     FeatureExtractor(**TINY, cache=tmp_path).fit(images).transform(images)
     old = tmp_path / "skt-features" / "v1"
-    (tmp_path / "skt-features" / "v2").rename(old)
+    (tmp_path / "skt-features" / f"v{FORMAT_VERSION}").rename(old)
     forget_memory()
     counter["images"] = 0
     _, messages = _recorded(lambda: FeatureExtractor(**TINY, cache=tmp_path).fit(images)
@@ -244,7 +251,7 @@ def test_entries_written_before_the_format_carried_their_place_miss(images, coun
 def test_a_damaged_config_json_is_reported_then_rewritten(images, counter, tmp_path, content):
     extractor = FeatureExtractor(**TINY, cache=tmp_path).fit(images)
     clean = extractor.transform(images)
-    (config,) = (tmp_path / "skt-features" / "v2").iterdir()
+    (config,) = (tmp_path / "skt-features" / f"v{FORMAT_VERSION}").iterdir()
     path = config / "config.json"
     sound = path.read_text()
     path.write_text(content)

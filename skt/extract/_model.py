@@ -10,9 +10,16 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from skt.backbones import PRE_LOGITS, tracer_kwargs
-from skt.pooling import LayerLayout, summarize, summary_kind
+from skt.pooling import (
+    TOKEN_POOLINGS,
+    LayerLayout,
+    OutputFormat,
+    output_format,
+    summarize,
+    summary_kind,
+)
 
-__all__ = ["FeatureModel", "build_feature_model", "truncate"]
+__all__ = ["FeatureModel", "build_feature_model", "prefix_tokens", "truncate"]
 
 
 class _PreLogits(nn.Module):
@@ -86,17 +93,39 @@ class FeatureModel(nn.Module):
 
     Returns a tuple with one ``(N, K)`` float32 summary per layer, in order: a
     plain tensor output, so the same module runs eagerly or exported to ONNX.
+    ``formats`` gives each layer's :class:`~skt.pooling.OutputFormat`; a layer
+    missing from it gets the default of its number of dimensions.
     """
 
-    def __init__(self, body: nn.Module, layers: Sequence[str], pooling: str) -> None:
+    def __init__(self, body: nn.Module, layers: Sequence[str], pooling: str,
+                 formats: dict[str, OutputFormat] | None = None) -> None:
         super().__init__()
         self.body = body
         self.layers = list(layers)
         self.pooling = pooling
+        self.formats = dict(formats or {})
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = self.body(x)
-        return tuple(summarize(outputs[name], self.pooling) for name in self.layers)
+        return tuple(summarize(outputs[name], self.pooling, self.formats.get(name))
+                     for name in self.layers)
+
+
+def prefix_tokens(network: nn.Module) -> tuple[int, bool]:
+    """How many tokens a vision transformer puts ahead of its patches, and whether the
+    first is a class token, as the network declares them.
+
+    timm declares ``num_prefix_tokens`` (class and register tokens) and
+    ``cls_token``; torchvision's ViT has a ``class_token`` parameter. Other
+    networks have no prefix tokens.
+    """
+    token = getattr(network, "cls_token", None)
+    if token is None:
+        token = getattr(network, "class_token", None)
+    count = getattr(network, "num_prefix_tokens", None)
+    if not isinstance(count, int):
+        count = 1 if torch.is_tensor(token) else 0
+    return count, torch.is_tensor(token) and count > 0
 
 
 def build_feature_model(network: nn.Module, classifier: str | None, size: int,
@@ -106,15 +135,28 @@ def build_feature_model(network: nn.Module, classifier: str | None, size: int,
 
     ``network`` is modified (its classifier may be replaced): pass a copy.
     """
+    prefix = prefix_tokens(network)
     model = FeatureModel(truncate(network, layers, classifier), layers, pooling).eval()
     with torch.inference_mode():
-        raw = model.body(torch.zeros(1, 3, size, size))
+        raw = model.body(torch.zeros(2, 3, size, size))
     layout = []
     for name in layers:
         output = raw[name]
         if not torch.is_tensor(output):
             raise TypeError(f"Layer {name!r} returns a {type(output).__name__}, not a tensor; "
                             "pick a layer whose output is one tensor.")
-        kind = summary_kind(output.ndim, pooling)
-        layout.append(LayerLayout(name, kind, summarize(output, pooling).shape[1]))
+        if output.ndim < 2 or output.shape[0] != 2:
+            raise ValueError(
+                f"Layer {name!r} gives {tuple(output.shape)} for 2 images: its first axis is "
+                "not the images (attention windows or heads share it). Pick the output of a "
+                "block or stage; skt.list_layers(backbone) lists the names.")
+        form = output_format(tuple(output.shape), *prefix)
+        model.formats[name] = form
+        kind = summary_kind(form, pooling)
+        if pooling in TOKEN_POOLINGS and kind not in ("tokens", "vector"):
+            raise ValueError(
+                f"pooling={pooling!r} takes the class token, and layer {name!r} "
+                f"({tuple(output.shape[1:])} per image) has none. Pick a transformer block "
+                "of a model with a class token, or pooling 'avg', 'max', 'gem' or 'avgmax'.")
+        layout.append(LayerLayout(name, kind, summarize(output, pooling, form).shape[1]))
     return model, layout

@@ -69,8 +69,9 @@ class FeatureRuntime:
         """Yield ``(rows, summaries)`` for the images at ``indices``, batch by batch.
 
         With several ``views`` (:func:`skt.images.dihedral_view` numbers), each
-        summary is the mean of the views' summaries: test-time augmentation,
-        meant for flat layers such as logits. With a ``failures`` dict, items
+        summary is the mean of the views' summaries, which is the mean of
+        their features (every part of a summary is a feature): test-time
+        augmentation. Each image is decoded once for all its views. With a ``failures`` dict, items
         that cannot be read are recorded there (see
         :func:`skt.images.iter_batches`) and left out of ``rows``, as are items
         already in it; a batch with no item left yields nothing.
@@ -101,7 +102,8 @@ def extract_into(out: np.ndarray, images: Sequence, runtime: FeatureRuntime, poo
     With ``cache``, items found under ``description`` are read, not computed
     (see :meth:`skt.cache.FeatureCache.serve`). ``progress`` is a tqdm bar or
     None. ``views`` averages summaries over views (see
-    :meth:`FeatureRuntime.summaries`); not with ``cache``.
+    :meth:`FeatureRuntime.summaries`); with ``cache``, ``description`` must
+    tell configurations with different views apart.
 
     ``failures`` None: the first item that cannot be read raises. A dict:
     such items are recorded as ``failures[index] = message`` (items already
