@@ -25,6 +25,7 @@ BACKBONE_CONSTRAINTS = {
 RUNTIME_CONSTRAINTS = {
     "device": [str, torch.device],
     "num_workers": [Interval(Integral, 0, None, closed="left"), None],
+    "n_threads": [Interval(Integral, 1, None, closed="left"), None],
     "random_state": ["random_state"],
     "verbose": ["verbose"],
 }

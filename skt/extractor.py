@@ -30,7 +30,7 @@ from skt.cache import (
     open_cache,
 )
 from skt.extract import FeatureRuntime, extract_into, resolve_device
-from skt.images import as_image_list, view_count, view_of
+from skt.images import as_image_list, torch_threads, view_count, view_of
 from skt.pooling import POOLINGS, TOKEN_POOLINGS
 
 __all__ = ["FeatureExtractor"]
@@ -154,9 +154,14 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         times faster than eager PyTorch on CPUs for depthwise-convolution
         networks such as EfficientNet-Lite. ``"auto"`` uses ONNX Runtime on the
         CPU when the ``onnx`` extra is installed, torch otherwise (and always on
-        CUDA/MPS); a failed export falls back to torch with a warning. Both
-        engines use ``torch.get_num_threads()`` threads: set them with
-        ``torch.set_num_threads``.
+        CUDA/MPS); a failed export falls back to torch with a warning.
+    n_threads : int or None, default=None
+        CPU threads the network runs on, in either engine; None: torch's
+        setting (``torch.get_num_threads()``, one per core) when the network
+        is first run. On a machine other jobs share, fewer threads than cores
+        keep a descheduled thread from stalling every layer. Each image is
+        preprocessed on one thread of its own (``num_workers`` of them for
+        files), whatever this says.
     tta : {None, "flip", "dihedral"}, default=None
         Test-time augmentation: each row is the mean of the features of the
         image and its mirror image (``"flip"``), or of its 8 flips and
@@ -252,6 +257,7 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         num_workers=None,
         cache=None,
         engine="auto",
+        n_threads=None,
         tta=None,
         dtype=None,
         on_error="raise",
@@ -271,6 +277,7 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         self.num_workers = num_workers
         self.cache = cache
         self.engine = engine
+        self.n_threads = n_threads
         self.tta = tta
         self.dtype = dtype
         self.on_error = on_error
@@ -311,7 +318,8 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         self._classifier = backbone.classifier
         self._rebuildable = backbone.rebuildable
         self._runtime = None
-        runtime = self._get_runtime()
+        with torch_threads(self.n_threads):  # the export and shape probe too
+            runtime = self._get_runtime()
         self._layout = runtime.layout
         self.n_features_out_ = sum(len(layer.feature_names(self.pooling))
                                    for layer in self._layout)
@@ -382,13 +390,13 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
                 return FeatureRuntime(self._get_model(), self._classifier, self.preprocessing_,
                                       self.layers_, self.pooling, device=device,
                                       engine=self.engine, dtype=self.dtype,
-                                      graph_path=self._graph_path)
+                                      graph_path=self._graph_path, threads=self.n_threads)
 
             # Every pooling but "flatten" runs the same graph: its summaries serve them all;
             # the class-token ones are checked against the layers when the graph is built.
             pooling = self.pooling if self.pooling in ("flatten", *TOKEN_POOLINGS) else None
             key = (self._fingerprint, tuple(self.layers_), pooling,
-                   self.preprocessing_, str(device), self.dtype, self.engine)
+                   self.preprocessing_, str(device), self.dtype, self.engine, self.n_threads)
             self._runtime = _RUNTIMES.get_or_make(key, make)
         return self._runtime
 

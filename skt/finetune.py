@@ -32,7 +32,7 @@ from skt.backbones import PRE_LOGITS, Backbone, resolve_backbone
 from skt.cache import default_cache_dir, fingerprint, fingerprint_module
 from skt.extract import FeatureRuntime, extract_into, resolve_device
 from skt.extractor import FeatureExtractor
-from skt.images import as_image_list, view_count, view_of
+from skt.images import as_image_list, torch_threads, view_count, view_of
 from skt.training import (
     Callback,
     Checkpoint,
@@ -55,7 +55,8 @@ __all__ = ["FineTuneClassifier"]
 
 # Parameters that change how a fit runs, not what it computes: a checkpoint
 # written under one value resumes under another.
-_RUNTIME_PARAMS = ("checkpoint", "device", "num_workers", "tta", "verbose", "warm_start")
+_RUNTIME_PARAMS = ("checkpoint", "device", "n_threads", "num_workers", "tta", "verbose",
+                   "warm_start")
 
 
 def _describe_param(value):
@@ -453,6 +454,10 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         and prediction) while the network runs. None means one per core, up
         to 4; 0 decodes in the calling thread. Results do not depend on it:
         each image's augmentation has a seed of its own.
+    n_threads : int or None, default=None
+        CPU threads of the network in ``fit`` and prediction; None: torch's
+        setting. As in :class:`skt.FeatureExtractor`, each image is
+        preprocessed on one thread of its own.
     random_state : int, RandomState or None, default=None
         Seeds the initialisation, the validation split, shuffling,
         augmentation and dropout: the same int gives bit-identical results
@@ -600,6 +605,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         callbacks=None,
         device="auto",
         num_workers=None,
+        n_threads=None,
         random_state=None,
         verbose=0,
     ):
@@ -640,6 +646,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         self.callbacks = callbacks
         self.device = device
         self.num_workers = num_workers
+        self.n_threads = n_threads
         self.random_state = random_state
         self.verbose = verbose
 
@@ -686,7 +693,8 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
             # Before scikit-learn's fit context, which would undo the metadata routing that
             # importing skada turns on (and a later ``import skada`` would not turn it on again).
             require_skada()
-        return self._fit(X, y, sample_domain)
+        with torch_threads(self.n_threads):
+            return self._fit(X, y, sample_domain)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def _fit(self, X, y, sample_domain):
@@ -1208,12 +1216,13 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, TransformerMixin,
         """
         check_is_fitted(self)
         images = as_image_list(X)
-        runtime = self._get_runtime(kind)
-        out = np.empty((len(images), runtime.layout[0].width), dtype=np.float32)
         views = [view_of(draw, self.tta) for draw in range(view_count(self.tta))]
-        return extract_into(out, images, runtime, "avg", batch_size=self.batch_size,
-                            num_workers=resolve_num_workers(self.num_workers),
-                            views=views if kind == "logits" else (0,))
+        with torch_threads(self.n_threads):
+            runtime = self._get_runtime(kind)
+            out = np.empty((len(images), runtime.layout[0].width), dtype=np.float32)
+            return extract_into(out, images, runtime, "avg", batch_size=self.batch_size,
+                                num_workers=resolve_num_workers(self.num_workers),
+                                views=views if kind == "logits" else (0,))
 
     def _get_runtime(self, kind: str) -> FeatureRuntime:
         """The runtime for ``kind`` in this process (rebuilt after unpickling)."""

@@ -434,3 +434,46 @@ def test_stage_pooling_follows_the_channel_axis(images, make, layer, axes, shape
     channels = expected.shape[1] // 2
     assert list(extractor.get_feature_names_out()[[0, channels]]) == [f"{layer}_avg_0",
                                                                       f"{layer}_max_0"]
+
+
+# ---------------------------------------------------------------- threads --
+
+class _ThreadRecorder(nn.Module):
+    """A tiny network that notes how many torch threads each forward pass runs on."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(torch.get_num_threads())
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize(("n_threads", "expected"), [(1, 1), (None, 2)])
+def test_n_threads_sets_the_torch_engine_threads_and_restores_them(images, n_threads,
+                                                                   expected):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        extractor = FeatureExtractor(_ThreadRecorder(), image_size=32, engine="torch",
+                                     n_threads=n_threads, batch_size=4).fit(images)
+        network = extractor._get_runtime().engine.model.body.model  # the runtime's own copy
+        network.seen.clear()
+        extractor.transform(images)
+        assert network.seen == [expected, expected]  # two batches of four
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_n_threads_sets_onnx_runtime_threads(images):
+    extractor = FeatureExtractor(**ONNX, n_threads=1).fit(images)
+    options = extractor._get_runtime().engine.session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    other = FeatureExtractor(**ONNX, n_threads=2).fit(images)
+    assert other._get_runtime().engine.session.get_session_options().intra_op_num_threads == 2
+    np.testing.assert_allclose(extractor.transform(images), other.transform(images),
+                               rtol=1e-5, atol=1e-6)

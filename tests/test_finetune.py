@@ -708,3 +708,44 @@ def test_image_files_and_verbose_progress(data, tmp_path, capsys):
     from_arrays = make_clf(max_iter=1, augment="standard", num_workers=0).fit(X, y)
     assert from_files.loss_curve_ == from_arrays.loss_curve_
     assert np.array_equal(from_files.predict_proba(paths), from_arrays.predict_proba(X))
+
+
+# ------------------------------------------------------------------- threads
+
+_THREADS_SEEN: list[int] = []
+
+
+class _RecordThreads(nn.Module):
+    """Notes the torch threads of each forward pass (in a list that survives deep copies)."""
+
+    def forward(self, x):
+        _THREADS_SEEN.append(torch.get_num_threads())
+        return x
+
+
+def test_n_threads_holds_for_fit_and_prediction_and_is_restored(data, monkeypatch):
+    import skt.extract._engines as engines
+    X, y = data
+    run = engines.TorchEngine.__call__
+
+    def recording(engine, batch):  # prediction runs a traced copy: note the threads here
+        _THREADS_SEEN.append(torch.get_num_threads())
+        return run(engine, batch)
+
+    monkeypatch.setattr(engines.TorchEngine, "__call__", recording)
+    net = nn.Sequential(_RecordThreads(), *tiny_net())
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        clf = make_clf(backbone=net, n_threads=1, max_iter=1).fit(X, y)
+        assert _THREADS_SEEN and set(_THREADS_SEEN) == {1}
+        _THREADS_SEEN.clear()
+        clf.predict_proba(X)
+        assert _THREADS_SEEN and set(_THREADS_SEEN) == {1}
+        assert torch.get_num_threads() == 2
+        _THREADS_SEEN.clear()
+        clf.set_params(n_threads=None).predict(X)
+        assert set(_THREADS_SEEN) == {2}
+    finally:
+        torch.set_num_threads(previous)
+        _THREADS_SEEN.clear()

@@ -504,3 +504,33 @@ def test_an_image_within_the_aspect_bound_is_resized_whole():
                           generator=torch.Generator().manual_seed(0))
     whole = _finish(TF.center_crop(TF.resize(image, 37, antialias=True), 32), config)
     assert torch.equal(preprocess(image, config), whole)
+
+
+# ---------------------------------------------------------------- threads --
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_each_image_is_preprocessed_on_one_thread_and_torch_keeps_its_setting(
+        image_files, monkeypatch, num_workers):
+    import skt.images._batching as batching
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return preprocess(*args, **kwargs)
+
+    config = Preprocessing(crop_size=16, resize_size=18)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(batching, "preprocess", recording)
+        monkeypatch.setattr(batching, "PREPROCESS_THREADS", None)  # torch's setting
+        plain = torch.cat(list(iter_batches(image_files, config, 3, num_workers)))
+        assert seen == [2] * len(image_files)
+        seen.clear()
+        monkeypatch.setattr(batching, "PREPROCESS_THREADS", 1)
+        single = torch.cat(list(iter_batches(image_files, config, 3, num_workers)))
+        assert seen == [1] * len(image_files)
+        assert torch.get_num_threads() == 2  # the network's threads are untouched
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(single, plain, rtol=0, atol=0)

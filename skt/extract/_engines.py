@@ -14,6 +14,7 @@ import torch
 from skt._utils import memory_format
 from skt.cache import seal, unseal, write_cache_file
 from skt.extract._model import FeatureModel
+from skt.images import torch_threads
 
 __all__ = ["OnnxEngine", "TorchEngine", "make_engine", "onnx_available"]
 
@@ -23,19 +24,22 @@ class TorchEngine:
 
     On the CPU the model and inputs are channels-last, which oneDNN convolutions
     run faster. ``dtype`` ("float16" / "bfloat16") turns on autocast on CUDA only:
-    on CPUs without bf16 units it is several times slower.
+    on CPUs without bf16 units it is several times slower. ``threads``: torch
+    intra-op threads for each forward pass; None leaves torch's setting.
     """
 
     name = "torch"
 
-    def __init__(self, model: FeatureModel, device: torch.device, dtype: str | None = None) -> None:
+    def __init__(self, model: FeatureModel, device: torch.device, dtype: str | None = None,
+                 threads: int | None = None) -> None:
+        self.threads = threads
         self.device = device
         self.dtype = getattr(torch, dtype) if dtype and device.type == "cuda" else None
         self.memory_format = memory_format(device)
         self.model = model.to(device=device, memory_format=self.memory_format).eval()
 
     def __call__(self, batch: torch.Tensor) -> list[np.ndarray]:
-        with torch.inference_mode():
+        with torch_threads(self.threads), torch.inference_mode():
             x = batch.to(self.device, non_blocking=True).contiguous(
                 memory_format=self.memory_format)
             with torch.autocast(self.device.type, dtype=self.dtype,
@@ -164,12 +168,14 @@ def onnx_available() -> bool:
 
 
 def make_engine(model: FeatureModel, engine: str, device: torch.device, size: int,
-                dtype: str | None = None, onnx_path: Path | None = None):
+                dtype: str | None = None, onnx_path: Path | None = None,
+                threads: int | None = None):
     """The engine for ``engine`` ("auto", "torch" or "onnx") on ``device``.
 
     "auto" is ONNX Runtime on the CPU when it is installed, torch otherwise
     (CUDA and MPS always use torch). A failed export falls back to torch with
-    one warning naming the reason.
+    one warning naming the reason. ``threads``: the CPU threads of the
+    network; None means ``torch.get_num_threads()``.
     """
     if engine == "onnx" and not onnx_available():
         raise ImportError("engine='onnx' needs ONNX Runtime: pip install 'skt[onnx]'.")
@@ -177,11 +183,11 @@ def make_engine(model: FeatureModel, engine: str, device: torch.device, size: in
         raise ValueError(f"engine='onnx' runs on the CPU only; device is {device}. Use "
                          "engine='auto' or 'torch'.")
     if engine == "torch" or device.type != "cpu" or not onnx_available():
-        return TorchEngine(model, device, dtype)
+        return TorchEngine(model, device, dtype, threads)
     try:
-        return OnnxEngine(model, size, onnx_path)
+        return OnnxEngine(model, size, onnx_path, threads)
     except Exception as exc:  # the exporter raises many types; any failure means torch
         reason = _first_sentence(exc)
         warnings.warn(f"ONNX export failed ({reason}); using the torch engine.",
                       RuntimeWarning, stacklevel=3)
-        return TorchEngine(model, device, dtype)
+        return TorchEngine(model, device, dtype, threads)

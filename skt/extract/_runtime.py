@@ -43,6 +43,8 @@ class FeatureRuntime:
         Autocast precision on CUDA.
     graph_path : callable, optional
         ``graph_path(layout)``: where the exported ONNX graph is kept, or None.
+    threads : int, optional
+        CPU threads of the network (see :func:`~skt.extract.make_engine`).
 
     Attributes
     ----------
@@ -54,13 +56,14 @@ class FeatureRuntime:
     def __init__(self, network: nn.Module, classifier: str | None,
                  preprocessing: Preprocessing, layers: list[str], pooling: str, *,
                  device: torch.device, engine: str = "torch", dtype: str | None = None,
-                 graph_path: Callable[[list[LayerLayout]], Path | None] | None = None) -> None:
+                 graph_path: Callable[[list[LayerLayout]], Path | None] | None = None,
+                 threads: int | None = None) -> None:
         size = preprocessing.crop_size
         model, self.layout = build_feature_model(copy.deepcopy(network), classifier, size,
                                                  layers, pooling)
         self.preprocessing = preprocessing
         path = None if graph_path is None else graph_path(self.layout)
-        self.engine = make_engine(model, engine, device, size, dtype, path)
+        self.engine = make_engine(model, engine, device, size, dtype, path, threads)
 
     def summaries(self, images: Sequence, indices: Sequence[int], batch_size: int,
                   num_workers: int, views: Sequence[int] = (0,),

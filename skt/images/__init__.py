@@ -10,7 +10,7 @@ and can record items that cannot be read instead of raising. This package
 knows nothing of networks.
 """
 
-from skt.images._batching import ImageDataset, iter_batches
+from skt.images._batching import ImageDataset, iter_batches, torch_threads
 from skt.images._decode import apply_orientation, load_image
 from skt.images._folder import list_image_files, load_image_folder
 from skt.images._preprocess import (
@@ -46,6 +46,7 @@ __all__ = [
     "load_image_folder",
     "preprocess",
     "random_crop_box",
+    "torch_threads",
     "view_count",
     "view_of",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -13,7 +14,32 @@ import torch
 from skt.images._decode import load_image
 from skt.images._preprocess import AUGMENTATIONS, Preprocessing, preprocess
 
-__all__ = ["ImageDataset", "iter_batches"]
+__all__ = ["PREPROCESS_THREADS", "ImageDataset", "iter_batches", "torch_threads"]
+
+PREPROCESS_THREADS: int | None = 1
+"""torch intra-op threads that preprocess one image (None: torch's setting, unchanged).
+
+An image's resize and normalisation are small kernels: split over every core, each
+waits for all of them, and on a busy machine one descheduled thread stalls every
+split (``benchmarks/bench_threads.py``). Decoding threads then do not compete with
+the network's threads either. The network keeps torch's setting."""
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run this thread's torch kernels on ``threads`` intra-op threads, then restore.
+
+    None leaves torch's setting alone.
+    """
+    previous = torch.get_num_threads()
+    if threads is None or threads == previous:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -54,7 +80,8 @@ class ImageDataset(torch.utils.data.Dataset):
         generator = None
         if self.augment is not None and self.seeds is not None:
             generator = torch.Generator().manual_seed(self.seeds[position])
-        return preprocess(image, self.config, self.augment, generator)
+        with torch_threads(PREPROCESS_THREADS):
+            return preprocess(image, self.config, self.augment, generator)
 
 
 def iter_batches(images: Sequence, config: Preprocessing, batch_size: int,
