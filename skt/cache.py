@@ -76,10 +76,10 @@ from PIL import Image
 
 from skt._utils import LRU, atomic_write, expand_path
 
-__all__ = ["FORMAT_VERSION", "MEMORY_BUDGET", "FeatureCache", "cache_info",
-           "check_cache_writable", "clear_cache", "default_cache_dir", "fingerprint",
-           "fingerprint_module", "forget_memory", "open_cache", "seal", "unseal",
-           "write_cache_file"]
+__all__ = ["DEFAULT_CACHE_MAX_BYTES", "FORMAT_VERSION", "MEMORY_BUDGET", "FeatureCache",
+           "bound_default_cache", "cache_info", "check_cache_writable", "clear_cache",
+           "default_cache_dir", "default_cache_max_bytes", "fingerprint", "fingerprint_module",
+           "forget_memory", "mark_used", "open_cache", "seal", "unseal", "write_cache_file"]
 
 FORMAT_VERSION = 3
 """Part of every configuration's key: a new version (3: GeM summaries hold the root, token
@@ -653,6 +653,11 @@ def clear_cache(location: str | os.PathLike, max_bytes: int | None = None) -> in
         freed = sum(e.stat().st_size for e in _entries(root) if e.name != "config.json")
         shutil.rmtree(root)
         return freed
+    return _prune(root, max_bytes)
+
+
+def _prune(root: Path, max_bytes: int) -> int:
+    """Delete the least recently written (or used) files under ``root`` down to ``max_bytes``."""
     files = [e for e in _entries(root) if e.name != "config.json"]
     stats = sorted((e.stat().st_mtime, e.stat().st_size, e.path) for e in files)
     total = sum(size for _, size, _ in stats)
@@ -664,3 +669,45 @@ def clear_cache(location: str | os.PathLike, max_bytes: int | None = None) -> in
             os.unlink(path)
             freed += size
     return freed
+
+
+DEFAULT_CACHE_MAX_BYTES = 2**30
+"""Size bound of skt's own cache folder (exported graphs) unless ``$SKT_CACHE_MAX_BYTES``
+says otherwise."""
+
+
+def default_cache_max_bytes() -> int | None:
+    """The bound of skt's own folder: ``$SKT_CACHE_MAX_BYTES`` (``none``: no bound), else 1 GiB."""
+    text = os.environ.get("SKT_CACHE_MAX_BYTES", "").strip()
+    if not text:
+        return DEFAULT_CACHE_MAX_BYTES
+    if text.lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"SKT_CACHE_MAX_BYTES={text!r}: give a number of bytes, or 'none' "
+                         "for no bound.")
+    return value
+
+
+def bound_default_cache() -> int:
+    """Keep skt's own cache folder within :func:`default_cache_max_bytes`; bytes freed.
+
+    Exported graphs (13 to 45 MB each, one per network, size and layer list)
+    would otherwise pile up there; the least recently used go first (a graph
+    loaded from the folder counts as used). Feature caches given as
+    ``cache=`` are the user's and are never pruned.
+    """
+    folder, budget = default_cache_dir(), default_cache_max_bytes()
+    if folder is None or budget is None or not (folder / _ROOT).is_dir():
+        return 0
+    return _prune(folder / _ROOT, budget)
+
+
+def mark_used(path: Path) -> None:
+    """Note that a cached file was used, so that pruning keeps it longest."""
+    with contextlib.suppress(OSError):
+        os.utime(path)

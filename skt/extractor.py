@@ -24,6 +24,7 @@ from skt._version import __version__
 from skt.backbones import Backbone, check_layers, layer_names, resolve_backbone
 from skt.cache import (
     FORMAT_VERSION,
+    bound_default_cache,
     check_cache_writable,
     default_cache_dir,
     fingerprint_module,
@@ -387,10 +388,13 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
             device = resolve_device(self.device, fallback=True)
 
             def make():
-                return FeatureRuntime(self._get_model(), self._classifier, self.preprocessing_,
-                                      self.layers_, self.pooling, device=device,
-                                      engine=self.engine, dtype=self.dtype,
-                                      graph_path=self._graph_path, threads=self.n_threads)
+                runtime = FeatureRuntime(self._get_model(), self._classifier,
+                                         self.preprocessing_, self.layers_, self.pooling,
+                                         device=device, engine=self.engine, dtype=self.dtype,
+                                         graph_path=self._graph_path, threads=self.n_threads)
+                if runtime.engine.name == "onnx" and open_cache(self.cache) is None:
+                    bound_default_cache()  # its graph went to skt's own folder
+                return runtime
 
             # Every pooling but "flatten" runs the same graph: its summaries serve them all;
             # the class-token ones are checked against the layers when the graph is built.

@@ -1,11 +1,14 @@
 """skt.extract: truncation, the feature model, engines, device choice, the shared path."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
 from PIL import ExifTags, Image
 from torch import nn
 
+import skt.cache
 import skt.extract._engines
 import skt.extractor
 from skt import FeatureExtractor, cache_info
@@ -216,6 +219,41 @@ def test_without_a_cache_graphs_go_to_skt_cache_dir(pictures, tmp_path, monkeypa
     monkeypatch.setattr(skt.extract._engines, "_export_onnx", no_export)
     second = FeatureExtractor(**{**ONNX, "layers": "layer1"}).fit(pictures)
     np.testing.assert_array_equal(first.transform(pictures), second.transform(pictures))
+
+
+def test_skt_cache_dir_keeps_the_most_recently_used_graphs_within_its_bound(
+        pictures, tmp_path, monkeypatch):
+    monkeypatch.setenv("SKT_CACHE_DIR", str(tmp_path))
+    skt.extractor._RUNTIMES.clear()
+    FeatureExtractor(**{**ONNX, "layers": "layer1"}).fit(pictures)
+    (used,) = tmp_path.rglob("graph-*.onnx")
+    stale = used.parent.parent / "other" / "graph-stale.onnx"
+    stale.parent.mkdir()
+    stale.write_bytes(b"x" * 1000)
+    os.utime(used, (1_000_000, 1_000_000))  # both old; the next fit uses the first again
+    os.utime(stale, (2_000_000, 2_000_000))
+    skt.extractor._RUNTIMES.clear()
+    bound = used.stat().st_size + 500  # room for one of them
+    monkeypatch.setenv("SKT_CACHE_MAX_BYTES", str(bound))
+    FeatureExtractor(**{**ONNX, "layers": "layer1"}).fit(pictures)
+    assert used.is_file() and not stale.exists()  # loading it made it the recent one
+    monkeypatch.setenv("SKT_CACHE_MAX_BYTES", "none")
+    skt.extractor._RUNTIMES.clear()
+    FeatureExtractor(**{**ONNX, "layers": "layer2"}).fit(pictures)
+    assert len(list(tmp_path.rglob("graph-*.onnx"))) == 2  # no bound
+
+
+def test_a_feature_cache_folder_is_never_pruned(pictures, tmp_path, monkeypatch):
+    monkeypatch.setenv("SKT_CACHE_MAX_BYTES", "0")
+    skt.extractor._RUNTIMES.clear()
+    FeatureExtractor(**{**ONNX, "layers": "layer1", "cache": tmp_path}).fit(pictures)
+    assert len(list(tmp_path.rglob("graph-*.onnx"))) == 1
+
+
+def test_a_bad_cache_bound_is_an_error(monkeypatch):
+    monkeypatch.setenv("SKT_CACHE_MAX_BYTES", "1GB")
+    with pytest.raises(ValueError, match="SKT_CACHE_MAX_BYTES='1GB': give a number of bytes"):
+        skt.cache.default_cache_max_bytes()
 
 
 # ------------------------------------------------------- items that fail --

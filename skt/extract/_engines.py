@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from skt._utils import memory_format
-from skt.cache import seal, unseal, write_cache_file
+from skt.cache import mark_used, seal, unseal, write_cache_file
 from skt.extract._model import FeatureModel
 from skt.images import torch_threads
 
@@ -107,6 +107,7 @@ class OnnxEngine:
             try:
                 self._start(graph)
                 self._check(model, size)
+                mark_used(path)  # pruning skt's folder removes the least recently used first
                 return True
             except Exception as exc:  # ONNX Runtime raises its own types; any failure re-exports
                 reason = _first_sentence(exc)
