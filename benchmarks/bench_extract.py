@@ -7,7 +7,9 @@ For each backbone, in one run and on the same files:
 (b) torch   skt ``engine="torch"``: channels-last, ``inference_mode``,
             decoding in threads ahead of the network, JPEG draft decoding;
 (c) onnx    skt ``engine="onnx"``: the same pipeline on ONNX Runtime;
-(d) ceiling the faster engine's forward pass alone on pre-made tensors;
+(d) bf16    skt ``precision="bfloat16"`` (torch autocast), where the CPU has
+            native bfloat16 (AVX512-BF16 or AMX), else "-";
+(e) ceiling the ONNX engine's forward pass alone on pre-made tensors;
 
 plus the decode-only rate of skt's input pipeline, and the peak RSS of
 ``transform_into`` a ``.npy`` memmap for 1,000 and 10,000 images (in fresh
@@ -40,6 +42,7 @@ from PIL import Image
 from skt import FeatureExtractor
 from skt._utils import resolve_num_workers
 from skt.backbones import resolve_backbone
+from skt.extract import native_bfloat16
 from skt.images import as_image_list, iter_batches
 
 WEIGHTS = {"resnet18": None, "mobilenet_v3_large": None, "efficientnet_lite0": "DEFAULT"}
@@ -100,16 +103,17 @@ def naive_loop(name: str, paths: list[str], batch_size: int):
     return run
 
 
-def skt_run(name: str, engine: str, paths: list[str], batch_size: int):
+def skt_run(name: str, engine: str, paths: list[str], batch_size: int,
+            precision: str = "float32"):
     extractor = FeatureExtractor(name, weights=WEIGHTS[name], engine=engine,
-                                 batch_size=batch_size).fit(paths[:1])
+                                 batch_size=batch_size, precision=precision).fit(paths[:1])
     extractor.transform(paths[:batch_size])  # warm-up
     return (lambda: extractor.transform(paths)), extractor
 
 
 def ceiling_run(extractor, size: int, batch_size: int, batches: int):
     """The engine's forward pass alone, on tensors made beforehand."""
-    engine = extractor._get_runtime()["engine"]
+    engine = extractor._get_runtime().engine
     x = torch.randn(batch_size, 3, size, size)
     engine(x)
     return lambda: [engine(x) for _ in range(batches)]
@@ -167,8 +171,10 @@ def main(argv=None) -> None:
         print(f"{len(paths)} JPEG files of 500x375 px; skt decode+resize+normalise only: "
               f"{decode_rate(paths, args.batch_size):.0f} img/s on "
               f"{resolve_num_workers(None)} threads")
+        bf16 = native_bfloat16(torch.device("cpu"))
         header = (f"{'backbone':22s} {'weights':8s} {'naive':>7s} {'torch':>7s} {'onnx':>7s} "
-                  f"{'ceiling':>8s} {'default/naive':>14s} {'default/ceiling':>16s}")
+                  f"{'bf16':>7s} {'ceiling':>8s} {'default/naive':>14s} "
+                  f"{'default/ceiling':>16s}")
         print(header)
         for name in args.backbones.split(","):
             torch_run, _ = skt_run(name, "torch", paths, args.batch_size)
@@ -177,13 +183,16 @@ def main(argv=None) -> None:
             runners = {"naive": naive_loop(name, paths, args.batch_size), "torch": torch_run,
                        "onnx": onnx_run,
                        "ceiling": ceiling_run(onnx_extractor, 224, args.batch_size, batches)}
+            if bf16:
+                runners["bf16"] = skt_run(name, "torch", paths, args.batch_size, "bfloat16")[0]
             counts = {key: len(paths) for key in runners}
             counts["ceiling"] = batches * args.batch_size
             rates = best_rates(runners, counts, args.repeats)
             default = FeatureExtractor(name, weights=WEIGHTS[name]).fit(paths[:1]).engine_
             weights = "real" if WEIGHTS[name] else "random"
             print(f"{name:22s} {weights:8s} {rates['naive']:7.1f} {rates['torch']:7.1f} "
-                  f"{rates['onnx']:7.1f} {rates['ceiling']:8.1f} "
+                  f"{rates['onnx']:7.1f} "
+                  f"{format(rates['bf16'], '7.1f') if bf16 else '-':>7s} {rates['ceiling']:8.1f} "
                   f"{rates[default] / rates['naive']:13.2f}x "
                   f"{rates[default] / rates['ceiling']:15.2f}x", flush=True)
         if not args.skip_rss:

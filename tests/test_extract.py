@@ -9,6 +9,7 @@ from PIL import ExifTags, Image
 from torch import nn
 
 import skt.cache
+import skt.extract._device
 import skt.extract._engines
 import skt.extractor
 from skt import FeatureExtractor, cache_info
@@ -515,3 +516,35 @@ def test_n_threads_sets_onnx_runtime_threads(images):
     assert other._get_runtime().engine.session.get_session_options().intra_op_num_threads == 2
     np.testing.assert_allclose(extractor.transform(images), other.transform(images),
                                rtol=1e-5, atol=1e-6)
+
+
+# -------------------------------------------------------------- precision --
+
+def test_bfloat16_without_native_support_warns_and_runs_float32(images, monkeypatch):
+    monkeypatch.setattr(skt.extract._device, "native_bfloat16", lambda device: False)
+    with pytest.warns(UserWarning, match=r"precision='bfloat16' is not native on this CPU, "
+                                         r"which has neither AVX512-BF16 nor AMX"):
+        half = FeatureExtractor(**TINY, precision="bfloat16").fit(images)
+    assert half.precision_ == "float32"
+    np.testing.assert_array_equal(half.transform(images),
+                                  FeatureExtractor(**TINY).fit(images).transform(images))
+    with pytest.warns(UserWarning, match="precision='float16' runs on CUDA only"):
+        assert FeatureExtractor(**TINY, precision="float16").fit(images).precision_ == "float32"
+
+
+def test_bfloat16_runs_autocast_in_torch_where_native(images, monkeypatch):
+    monkeypatch.setattr(skt.extract._device, "native_bfloat16", lambda device: True)
+    half = FeatureExtractor(**{**TINY, "engine": "auto"}, precision="bfloat16").fit(images)
+    assert (half.engine_, half.precision_) == ("torch", "bfloat16")
+    assert half._get_runtime().engine.dtype == torch.bfloat16
+    exact = FeatureExtractor(**TINY).fit(images).transform(images)
+    assert 0 < np.abs(half.transform(images) - exact).max() < 0.1 * np.abs(exact).max()
+    with pytest.raises(ValueError, match="engine='onnx' runs in float32; "
+                                         "precision='bfloat16' runs in the torch engine"):
+        FeatureExtractor(**{**TINY, "engine": "onnx"}, precision="bfloat16").fit(images)
+
+
+def test_dtype_is_deprecated_for_precision(images, monkeypatch):
+    monkeypatch.setattr(skt.extract._device, "native_bfloat16", lambda device: True)
+    with pytest.warns(FutureWarning, match="dtype is deprecated .* use precision='bfloat16'"):
+        assert FeatureExtractor(**TINY, dtype="bfloat16").fit(images).precision_ == "bfloat16"

@@ -79,3 +79,18 @@ def test_lite0_digits_linear_probe_scores_above_093():
     head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     scores = cross_val_score(head, features, digits.target, cv=5)
     assert scores.mean() >= 0.93, scores
+
+
+def test_lite0_bfloat16_features_stay_close_to_float32():
+    from skt.extract import native_bfloat16
+    if not native_bfloat16(torch.device("cpu")):
+        pytest.skip("this CPU has neither AVX512-BF16 nor AMX: bfloat16 runs in float32 here")
+    files = [str(f) for f in foolbox_imagenet_files()]
+    exact = FeatureExtractor(engine="torch").fit(files).transform(files)
+    half = FeatureExtractor(precision="bfloat16").fit(files)
+    assert (half.engine_, half.precision_) == ("torch", "bfloat16")
+    approx = half.transform(files)
+    cosine = (exact * approx).sum(1) / np.linalg.norm(exact, axis=1) / np.linalg.norm(approx,
+                                                                                      axis=1)
+    assert cosine.min() > 0.98 and cosine.mean() > 0.995, cosine
+    assert np.abs(exact - approx).max() > 1e-4  # it did compute in bfloat16

@@ -7,12 +7,13 @@ runs it on the device :func:`resolve_device` picks; :class:`FeatureRuntime`
 and :func:`extract_into` are the path both estimators share.
 """
 
-from skt.extract._device import resolve_device
+from skt.extract._device import PRECISIONS, native_bfloat16, resolve_device, resolve_precision
 from skt.extract._engines import OnnxEngine, TorchEngine, make_engine, onnx_available
 from skt.extract._model import FeatureModel, build_feature_model, truncate
 from skt.extract._runtime import FeatureRuntime, extract_into
 
 __all__ = [
+    "PRECISIONS",
     "FeatureModel",
     "FeatureRuntime",
     "OnnxEngine",
@@ -20,7 +21,9 @@ __all__ = [
     "build_feature_model",
     "extract_into",
     "make_engine",
+    "native_bfloat16",
     "onnx_available",
     "resolve_device",
+    "resolve_precision",
     "truncate",
 ]

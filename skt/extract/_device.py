@@ -2,11 +2,53 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 
-__all__ = ["resolve_device"]
+__all__ = ["PRECISIONS", "native_bfloat16", "resolve_device", "resolve_precision"]
+
+PRECISIONS = ("float32", "float16", "bfloat16")
+"""Values of ``precision``: exact float32, or autocast to a 16-bit type where it is native."""
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's instruction-set flags (Linux's /proc/cpuinfo); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively: a CUDA GPU that supports it, or a
+    CPU with AVX512-BF16 or AMX-BF16 instructions (oneDNN's fast bfloat16 kernels)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision that runs on ``device``: ``precision``, or float32 with a warning where
+    the 16-bit type is not native (autocast there is several times slower, not faster)."""
+    if precision == "float16" and device.type != "cuda":
+        warnings.warn(f"precision='float16' runs on CUDA only; on {device.type} the network "
+                      "runs in float32.", UserWarning, stacklevel=4)
+        return "float32"
+    if precision == "bfloat16" and not native_bfloat16(device):
+        where = ("this GPU" if device.type == "cuda" else
+                 "this CPU, which has neither AVX512-BF16 nor AMX instructions")
+        warnings.warn(f"precision='bfloat16' is not native on {where}: emulated, it would be "
+                      "slower than float32, so the network runs in float32.", UserWarning,
+                      stacklevel=4)
+        return "float32"
+    return precision
 
 
 def resolve_device(device: str | torch.device, *, fallback: bool = False) -> torch.device:

@@ -23,18 +23,19 @@ class TorchEngine:
     """Runs a :class:`FeatureModel` eagerly: eval mode, ``inference_mode``, batches.
 
     On the CPU the model and inputs are channels-last, which oneDNN convolutions
-    run faster. ``dtype`` ("float16" / "bfloat16") turns on autocast on CUDA only:
-    on CPUs without bf16 units it is several times slower. ``threads``: torch
-    intra-op threads for each forward pass; None leaves torch's setting.
+    run faster. ``precision`` "float16" or "bfloat16" turns on autocast to that
+    type (see :func:`~skt.extract.resolve_precision` for where it is native).
+    ``threads``: torch intra-op threads for each forward pass; None leaves
+    torch's setting.
     """
 
     name = "torch"
 
-    def __init__(self, model: FeatureModel, device: torch.device, dtype: str | None = None,
+    def __init__(self, model: FeatureModel, device: torch.device, precision: str = "float32",
                  threads: int | None = None) -> None:
         self.threads = threads
         self.device = device
-        self.dtype = getattr(torch, dtype) if dtype and device.type == "cuda" else None
+        self.dtype = None if precision == "float32" else getattr(torch, precision)
         self.memory_format = memory_format(device)
         self.model = model.to(device=device, memory_format=self.memory_format).eval()
 
@@ -169,26 +170,32 @@ def onnx_available() -> bool:
 
 
 def make_engine(model: FeatureModel, engine: str, device: torch.device, size: int,
-                dtype: str | None = None, onnx_path: Path | None = None,
+                precision: str = "float32", onnx_path: Path | None = None,
                 threads: int | None = None):
     """The engine for ``engine`` ("auto", "torch" or "onnx") on ``device``.
 
     "auto" is ONNX Runtime on the CPU when it is installed, torch otherwise
     (CUDA and MPS always use torch). A failed export falls back to torch with
-    one warning naming the reason. ``threads``: the CPU threads of the
-    network; None means ``torch.get_num_threads()``.
+    one warning naming the reason. ``precision`` other than "float32" (as
+    :func:`~skt.extract.resolve_precision` settles it) runs in torch, whose
+    autocast gives it. ``threads``: the CPU threads of the network; None
+    means ``torch.get_num_threads()``.
     """
+    if engine == "onnx" and precision != "float32":
+        raise ValueError(f"engine='onnx' runs in float32; precision={precision!r} runs in the "
+                         "torch engine. Use engine='auto' or 'torch'.")
     if engine == "onnx" and not onnx_available():
         raise ImportError("engine='onnx' needs ONNX Runtime: pip install 'skt[onnx]'.")
     if engine == "onnx" and device.type != "cpu":
         raise ValueError(f"engine='onnx' runs on the CPU only; device is {device}. Use "
                          "engine='auto' or 'torch'.")
-    if engine == "torch" or device.type != "cpu" or not onnx_available():
-        return TorchEngine(model, device, dtype, threads)
+    if (engine == "torch" or device.type != "cpu" or precision != "float32"
+            or not onnx_available()):
+        return TorchEngine(model, device, precision, threads)
     try:
         return OnnxEngine(model, size, onnx_path, threads)
     except Exception as exc:  # the exporter raises many types; any failure means torch
         reason = _first_sentence(exc)
         warnings.warn(f"ONNX export failed ({reason}); using the torch engine.",
                       RuntimeWarning, stacklevel=3)
-        return TorchEngine(model, device, dtype, threads)
+        return TorchEngine(model, device, precision, threads)

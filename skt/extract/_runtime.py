@@ -39,8 +39,8 @@ class FeatureRuntime:
         from the same summaries.
     device : torch.device
     engine : {"auto", "torch", "onnx"}
-    dtype : str, optional
-        Autocast precision on CUDA.
+    precision : {"float32", "float16", "bfloat16"}
+        As settled by :func:`~skt.extract.resolve_precision`.
     graph_path : callable, optional
         ``graph_path(layout)``: where the exported ONNX graph is kept, or None.
     threads : int, optional
@@ -55,7 +55,7 @@ class FeatureRuntime:
 
     def __init__(self, network: nn.Module, classifier: str | None,
                  preprocessing: Preprocessing, layers: list[str], pooling: str, *,
-                 device: torch.device, engine: str = "torch", dtype: str | None = None,
+                 device: torch.device, engine: str = "torch", precision: str = "float32",
                  graph_path: Callable[[list[LayerLayout]], Path | None] | None = None,
                  threads: int | None = None) -> None:
         size = preprocessing.crop_size
@@ -63,7 +63,7 @@ class FeatureRuntime:
                                                  layers, pooling)
         self.preprocessing = preprocessing
         path = None if graph_path is None else graph_path(self.layout)
-        self.engine = make_engine(model, engine, device, size, dtype, path, threads)
+        self.engine = make_engine(model, engine, device, size, precision, path, threads)
 
     def summaries(self, images: Sequence, indices: Sequence[int], batch_size: int,
                   num_workers: int, views: Sequence[int] = (0,),
