@@ -9,7 +9,11 @@ For each backbone, in one run and on the same files:
 (c) onnx    skt ``engine="onnx"``: the same pipeline on ONNX Runtime;
 (d) bf16    skt ``precision="bfloat16"`` (torch autocast), where the CPU has
             native bfloat16 (AVX512-BF16 or AMX), else "-";
-(e) ceiling the ONNX engine's forward pass alone on pre-made tensors;
+(e) int8    skt ``precision="int8"`` (ONNX Runtime static quantisation,
+            calibrated in ``fit`` on the first 64 files);
+
+each end to end from the files and, on a second line, the network alone on
+tensors made beforehand (the pure-forward ceiling of (b)-(e));
 
 plus the decode-only rate of skt's input pipeline, and the peak RSS of
 ``transform_into`` a ``.npy`` memmap for 1,000 and 10,000 images (in fresh
@@ -19,14 +23,12 @@ uses its real ImageNet weights.
 
 Usage::
 
-    python benchmarks/bench_extract.py [--images 320] [--backbones resnet18,...]
+    python benchmarks/bench_extract.py [--images 256] [--backbones resnet18,...]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -42,7 +44,7 @@ from PIL import Image
 from skt import FeatureExtractor
 from skt._utils import resolve_num_workers
 from skt.backbones import resolve_backbone
-from skt.extract import native_bfloat16
+from skt.extract import native_bfloat16, onnx_available
 from skt.images import as_image_list, iter_batches
 
 WEIGHTS = {"resnet18": None, "mobilenet_v3_large": None, "efficientnet_lite0": "DEFAULT"}
@@ -106,13 +108,13 @@ def naive_loop(name: str, paths: list[str], batch_size: int):
 def skt_run(name: str, engine: str, paths: list[str], batch_size: int,
             precision: str = "float32"):
     extractor = FeatureExtractor(name, weights=WEIGHTS[name], engine=engine,
-                                 batch_size=batch_size, precision=precision).fit(paths[:1])
+                                 batch_size=batch_size, precision=precision).fit(paths[:64])
     extractor.transform(paths[:batch_size])  # warm-up
     return (lambda: extractor.transform(paths)), extractor
 
 
 def ceiling_run(extractor, size: int, batch_size: int, batches: int):
-    """The engine's forward pass alone, on tensors made beforehand."""
+    """The engine's forward pass alone, on tensors made beforehand: the ceiling."""
     engine = extractor._get_runtime().engine
     x = torch.randn(batch_size, 3, size, size)
     engine(x)
@@ -153,6 +155,8 @@ def peak_rss(paths: list[str], count: int, folder: Path) -> float:
 
 
 def main(argv=None) -> None:
+    from skt.bench import format_machine, machine_info
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -161,10 +165,9 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-rss", action="store_true")
     args = parser.parse_args(argv)
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__} with {torch.get_num_threads()} threads, CPU, "
-          f"{resolve_num_workers(None)} decoding threads, batch {args.batch_size}, 224 px, "
-          f"best of {args.repeats} interleaved rounds")
+    print(format_machine(machine_info()))
+    print(f"{resolve_num_workers(None)} decoding threads, batch {args.batch_size}, 224 px, "
+          f"img/s, best of {args.repeats} interleaved rounds")
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         paths = make_photos(folder, args.images)
@@ -172,29 +175,47 @@ def main(argv=None) -> None:
               f"{decode_rate(paths, args.batch_size):.0f} img/s on "
               f"{resolve_num_workers(None)} threads")
         bf16 = native_bfloat16(torch.device("cpu"))
-        header = (f"{'backbone':22s} {'weights':8s} {'naive':>7s} {'torch':>7s} {'onnx':>7s} "
-                  f"{'bf16':>7s} {'ceiling':>8s} {'default/naive':>14s} "
-                  f"{'default/ceiling':>16s}")
-        print(header)
+        int8 = onnx_available()
+        columns = ["naive", "torch", "onnx", "bf16", "int8"]
+        print(f"{'backbone':22s} {'weights':8s} {'from':8s} "
+              + " ".join(f"{key:>7s}" for key in columns)
+              + f" {'default/naive':>14s} {'int8/naive':>11s} {'onnx/tensors':>13s} "
+                f"{'int8/tensors':>13s}")
         for name in args.backbones.split(","):
-            torch_run, _ = skt_run(name, "torch", paths, args.batch_size)
-            onnx_run, onnx_extractor = skt_run(name, "onnx", paths, args.batch_size)
-            batches = max(1, len(paths) // args.batch_size)
-            runners = {"naive": naive_loop(name, paths, args.batch_size), "torch": torch_run,
-                       "onnx": onnx_run,
-                       "ceiling": ceiling_run(onnx_extractor, 224, args.batch_size, batches)}
+            extractors = {"torch": skt_run(name, "torch", paths, args.batch_size),
+                          "onnx": skt_run(name, "onnx", paths, args.batch_size)}
             if bf16:
-                runners["bf16"] = skt_run(name, "torch", paths, args.batch_size, "bfloat16")[0]
-            counts = {key: len(paths) for key in runners}
-            counts["ceiling"] = batches * args.batch_size
+                extractors["bf16"] = skt_run(name, "torch", paths, args.batch_size, "bfloat16")
+            if int8:  # calibrated on the first 64 files
+                extractors["int8"] = skt_run(name, "auto", paths, args.batch_size, "int8")
+            batches = max(1, len(paths) // args.batch_size)
+            runners = {("files", "naive"): naive_loop(name, paths, args.batch_size)}
+            for key, (run, extractor) in extractors.items():
+                runners["files", key] = run
+                runners["tensors", key] = ceiling_run(extractor, 224, args.batch_size, batches)
+            counts = {key: len(paths) if key[0] == "files" else batches * args.batch_size
+                      for key in runners}
             rates = best_rates(runners, counts, args.repeats)
             default = FeatureExtractor(name, weights=WEIGHTS[name]).fit(paths[:1]).engine_
             weights = "real" if WEIGHTS[name] else "random"
-            print(f"{name:22s} {weights:8s} {rates['naive']:7.1f} {rates['torch']:7.1f} "
-                  f"{rates['onnx']:7.1f} "
-                  f"{format(rates['bf16'], '7.1f') if bf16 else '-':>7s} {rates['ceiling']:8.1f} "
-                  f"{rates[default] / rates['naive']:13.2f}x "
-                  f"{rates[default] / rates['ceiling']:15.2f}x", flush=True)
+            for source in ("files", "tensors"):
+                cells = " ".join(format(rates[source, key], "7.1f") if (source, key) in rates
+                                 else f"{'-':>7s}" for key in columns)
+                line = f"{name:22s} {weights:8s} {source:8s} {cells}"
+                if source == "files":
+                    naive = rates["files", "naive"]
+                    line += f" {rates['files', default] / naive:13.2f}x"
+                    line += (f" {rates['files', 'int8'] / naive:10.2f}x" if int8
+                             else f" {'-':>11s}")
+                    line += f" {rates['files', 'onnx'] / rates['tensors', 'onnx']:12.2f}x"
+                    line += (f" {rates['files', 'int8'] / rates['tensors', 'int8']:12.2f}x"
+                             if int8 else f" {'-':>13s}")
+                print(line, flush=True)
+            if int8:
+                calibration = extractors["int8"][1].calibration_
+                print(f"{'':22s} int8: {calibration['float_convs']} leading convolutions in "
+                      f"float32, feature cosine to float32 {calibration['cosine']:.4f} on its "
+                      "64 calibration files")
         if not args.skip_rss:
             small, large = peak_rss(paths, 1000, folder), peak_rss(paths, 10000, folder)
             print(f"peak RSS, transform_into a .npy memmap (mobilenet_v3_small, 64 px): "

@@ -32,6 +32,7 @@ top-1 accuracy, and their correlation. Examples::
     python benchmarks/bench_transfer.py --dataset elpv --cv 5
     python benchmarks/bench_transfer.py --dataset elpv \\
         --backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2
+    python benchmarks/bench_transfer.py --dataset elpv --precision float32,int8
     python benchmarks/bench_transfer.py --dataset fashion_mnist --train-size 5000 \\
         --image-size 64 --finetune-epochs 0
 """
@@ -44,6 +45,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from sklearn.base import clone
 
 from skt import FeatureExtractor
 from skt.bench import (
@@ -128,6 +130,19 @@ def _fashion(args: argparse.Namespace) -> dict:
             "name": "Fashion-MNIST", "description": train.DESCR, "note": note}
 
 
+def feature_cosine(reference: FeatureExtractor, other: FeatureExtractor, images) -> dict:
+    """Per-image cosine of ``other``'s features to ``reference``'s, both fitted on all images
+    (as the inputs were, so both read their cache)."""
+    a = clone(reference).fit(images).transform(images)
+    b = clone(other).fit(images).transform(images)
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    text = (f"{other.backbone} {other.precision} features: cosine to {reference.precision} "
+            f"mean {cosine.mean():.4f}, min {cosine.min():.4f} over {len(cosine)} images")
+    return {"backbone": str(other.backbone), "precision": other.precision,
+            "reference": reference.precision, "mean": float(cosine.mean()),
+            "min": float(cosine.min()), "text": text}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="elpv",
@@ -137,6 +152,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "~/skt_data, then Debian's folder)")
     parser.add_argument("--backbones", default="efficientnet_lite0",
                         help="comma-separated backbone names (default efficientnet_lite0)")
+    parser.add_argument("--precision", default="float32",
+                        help="comma-separated FeatureExtractor precisions, e.g. float32,int8: "
+                             "each after the first adds a linear-probe row of its own and its "
+                             "features' cosine to the first's (default float32)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="crop size for the feature rows (default: each backbone's own)")
     parser.add_argument("--cv", type=int, default=None,
@@ -185,11 +204,23 @@ def main(argv=None) -> None:
     rows = [majority_row(), *pixel_rows(cv=args.search_cv, random_state=args.seed,
                                         svc=pixel_svc)]
     inputs = [pixel_input(pixel_size)]
+    precisions = [name.strip() for name in args.precision.split(",") if name.strip()]
+    extractors = {}
     for backbone in backbones:
-        extractor = FeatureExtractor(backbone, image_size=args.image_size, num_workers=None,
-                                     cache=cache, verbose=args.verbose)
-        inputs.append(feature_input(extractor))
-        rows += feature_rows(extractor, cv=args.search_cv, random_state=args.seed)
+        for precision in precisions:
+            extractor = FeatureExtractor(backbone, image_size=args.image_size, num_workers=None,
+                                         cache=cache, precision=precision, verbose=args.verbose)
+            extractors[backbone, precision] = extractor
+            if precision == precisions[0]:
+                inputs.append(feature_input(extractor))
+                rows += feature_rows(extractor, cv=args.search_cv, random_state=args.seed)
+            else:  # the linear probe: a calibrated precision fits on each training part
+                name = f"{backbone} {precision}"
+                short = backbone.replace("efficientnet_lite", "Lite")
+                inputs.append(feature_input(extractor, name))
+                rows += feature_rows(extractor, input=name, cv=args.search_cv,
+                                     random_state=args.seed, heads=("logreg",),
+                                     label=f"{short} {precision} features")
     if args.finetune_epochs:
         rows += [finetune_row(backbone, image_size=args.finetune_size,
                               max_iter=args.finetune_epochs, random_state=args.seed,
@@ -210,6 +241,11 @@ def main(argv=None) -> None:
                   f"{round(100 * args.test_size)} split")),
         verbose=args.verbose,
     )
+    for (backbone, precision), extractor in extractors.items():
+        if precision != precisions[0]:
+            results.setdefault("feature_cosines", []).append(feature_cosine(
+                extractors[backbone, precisions[0]], extractor, data["images"]))
+            print(results["feature_cosines"][-1]["text"])
     summary = compare_with_imagenet(results, backbones)
     if summary is not None:
         results["transfer_vs_imagenet"] = summary

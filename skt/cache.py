@@ -10,6 +10,9 @@ Layout under the cache directory::
     skt-features/v<FORMAT>/<config>/config.json          what <config> describes
     skt-features/v<FORMAT>/<config>/<layer>/<ab>/<image>  one entry per image
     skt-features/v<FORMAT>/<config>/graph-<layout>.onnx   an exported ONNX graph
+    skt-features/v<FORMAT>/<config>/graph-<layout>.layers.json         the layers it computes
+    skt-features/v<FORMAT>/<config>/graph-<layout>-engine-<machine>.json  engine="auto"'s
+                                                          measured choice on one machine
 
 ``<config>`` hashes everything that changes a layer's output except the image:
 the backbone, a hash of its actual weights, every preprocessing setting and
@@ -614,7 +617,9 @@ def cache_info(location: str | os.PathLike) -> dict[str, Any]:
         for folder in sorted(p for p in root.iterdir() if p.is_dir()):
             files = [e for e in _entries(folder) if e.name != "config.json"]
             graphs = [e for e in files if e.name.endswith(".onnx")]
-            configs.append({"key": folder.name, "entries": len(files) - len(graphs),
+            notes = [e for e in files if e.name.startswith("graph-") and e.name.endswith(".json")]
+            configs.append({"key": folder.name,
+                            "entries": len(files) - len(graphs) - len(notes),
                             "graphs": len(graphs),
                             "bytes": sum(e.stat().st_size for e in files),
                             "description": _describe(folder)})

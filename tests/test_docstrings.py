@@ -27,7 +27,7 @@ WITH_EXAMPLES = {
     "skt.images._folder", "skt.images._preprocess", "skt.images._validate", "skt.persist",
     "skt.pooling",
     "skt.training._callbacks", "skt.training._freeze", "skt.training._optim",
-    "skt.da", "skt.transferability",
+    "skt.da", "skt.extract._quantize", "skt.transferability",
 }
 
 

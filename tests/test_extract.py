@@ -1,5 +1,6 @@
 """skt.extract: truncation, the feature model, engines, device choice, the shared path."""
 
+import json
 import os
 
 import numpy as np
@@ -167,10 +168,77 @@ def test_onnx_matches_torch_on_real_lite0(pictures):
                                rtol=1e-3, atol=1e-4)
 
 
-def test_auto_prefers_onnx_on_the_cpu(pictures, capsys):
-    extractor = FeatureExtractor(**{**TINY, "engine": "auto"}, verbose=1).fit(pictures)
-    assert extractor.engine_ == "onnx"
-    assert "with the onnx engine on cpu" in capsys.readouterr().err
+AUTO = {**TINY, "engine": "auto", "layers": "layer2"}
+
+
+def _measured(monkeypatch, rates):
+    """Replace the timing of engines with ``rates``; returns the list of calls."""
+    skt.extractor._RUNTIMES.clear()  # no engine chosen by an earlier test
+    calls = []
+
+    def measure(engines, size, **kwargs):
+        calls.append(sorted(engines))
+        return {name: rates[name] for name in engines}
+
+    monkeypatch.setattr(skt.extract._engines, "measure_engines", measure)
+    return calls
+
+
+def test_auto_measures_onnx_against_torch_and_remembers_the_choice(pictures, tmp_path,
+                                                                    monkeypatch, capsys):
+    calls = _measured(monkeypatch, {"onnx": 300.0, "torch": 100.0})
+    first = FeatureExtractor(**AUTO, cache=tmp_path, verbose=1).fit(pictures)
+    assert first.engine_ == "onnx" and calls == [["onnx", "torch"]]
+    assert ("with the onnx engine on cpu (measured on this machine: onnx 300 img/s, torch "
+            "100 img/s)") in capsys.readouterr().err
+    (choice,) = tmp_path.rglob("graph-*-engine-*.json")
+    assert json.loads(skt.cache.unseal(choice, choice.read_bytes())) == {
+        "engine": "onnx", "rates": {"onnx": 300.0, "torch": 100.0}, "batch": 16}
+    skt.extractor._RUNTIMES.clear()  # a new process on the same machine: no measuring
+    calls = _measured(monkeypatch, {"onnx": 1.0, "torch": 1000.0})
+    second = FeatureExtractor(**AUTO, cache=tmp_path).fit(pictures)
+    assert second.engine_ == "onnx" and calls == []
+    assert second._get_runtime().engine.rates == {"onnx": 300.0, "torch": 100.0}
+    np.testing.assert_array_equal(second.transform(pictures), first.transform(pictures))
+    # Another machine (CPU, threads or versions): measured again, its own file.
+    skt.extractor._RUNTIMES.clear()
+    monkeypatch.setattr(skt.extract._engines, "machine_key", lambda threads: "othermachine")
+    third = FeatureExtractor(**AUTO, cache=tmp_path).fit(pictures)
+    assert third.engine_ == "torch" and calls == [["onnx", "torch"]]
+    assert len(list(tmp_path.rglob("graph-*-engine-*.json"))) == 2
+    # Another configuration: measured again.
+    FeatureExtractor(**{**AUTO, "layers": "layer3"}, cache=tmp_path).fit(pictures)
+    assert len(calls) == 2
+
+
+def test_auto_remembers_torch_and_skips_the_export(pictures, tmp_path, monkeypatch):
+    _measured(monkeypatch, {"onnx": 100.0, "torch": 300.0})
+    first = FeatureExtractor(**AUTO, cache=tmp_path).fit(pictures)
+    assert first.engine_ == "torch"
+    exact = FeatureExtractor(**{**AUTO, "engine": "torch"}).fit(pictures).transform(pictures)
+    np.testing.assert_array_equal(first.transform(pictures), exact)
+    skt.extractor._RUNTIMES.clear()
+
+    def no_export(model, size):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(skt.extract._engines, "_export_onnx", no_export)
+    assert FeatureExtractor(**AUTO, cache=tmp_path).fit(pictures).engine_ == "torch"
+
+
+def test_auto_keeps_the_engine_it_measured_faster(pictures, tmp_path):
+    skt.extractor._RUNTIMES.clear()
+    extractor = FeatureExtractor(**AUTO, cache=tmp_path).fit(pictures)
+    rates = extractor._get_runtime().engine.rates
+    assert set(rates) == {"onnx", "torch"} and min(rates.values()) > 0
+    assert extractor.engine_ == max(rates, key=rates.get)
+    # A damaged choice is measured again, not trusted.
+    (choice,) = tmp_path.rglob("graph-*-engine-*.json")
+    choice.write_bytes(choice.read_bytes()[:-3])
+    skt.extractor._RUNTIMES.clear()
+    again = FeatureExtractor(**AUTO, cache=tmp_path).fit(pictures)
+    assert again._get_runtime().engine.rates is not rates
+    assert skt.cache.unseal(choice, choice.read_bytes()) is not None  # sound again
 
 
 def test_export_failure_falls_back_to_torch_with_the_reason(pictures, monkeypatch):
@@ -187,6 +255,7 @@ def test_export_failure_falls_back_to_torch_with_the_reason(pictures, monkeypatc
 
 def test_explicit_onnx_without_onnxruntime(pictures, monkeypatch):
     monkeypatch.setattr(skt.extract._engines, "onnx_available", lambda: False)
+    skt.extractor._RUNTIMES.clear()  # engines built while ONNX Runtime was there
     with pytest.raises(ImportError, match=r"pip install 'skt\[onnx\]'"):
         FeatureExtractor(**{**ONNX, "layers": "layer2"}).fit(pictures)
     assert FeatureExtractor(**{**TINY, "engine": "auto", "layers": "layer2"}
@@ -427,6 +496,42 @@ def test_timm_vit_registers_stay_out_of_the_patch_mean(images):
                                atol=1e-5)
 
 
+def test_a_stored_graph_that_computes_the_layers_is_reused(pictures, tmp_path, monkeypatch):
+    both = FeatureExtractor(**{**ONNX, "layers": ["layer1", "layer3"], "cache": tmp_path}
+                            ).fit(pictures)
+    expected = both.transform(pictures)  # 64 layer1 columns, then 256 of layer3
+    (note,) = tmp_path.rglob("graph-*.layers.json")
+    assert json.loads(skt.cache.unseal(note, note.read_bytes()))["layout"] == [
+        ["layer1", "stats", 192], ["layer3", "stats", 768]]  # the summaries of every pooling
+    assert skt.cache_info(tmp_path)["graphs"] == 1
+    skt.extractor._RUNTIMES.clear()  # a later process
+
+    def no_export(model, size):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(skt.extract._engines, "_export_onnx", no_export)
+    deepest = FeatureExtractor(**{**ONNX, "layers": "layer3", "cache": tmp_path}).fit(pictures)
+    assert deepest.engine_ == "onnx"
+    np.testing.assert_allclose(deepest.transform(pictures), expected[:, 64:], rtol=1e-6)
+    swapped = FeatureExtractor(**{**ONNX, "layers": ["layer3", "layer1"], "cache": tmp_path}
+                               ).fit(pictures)
+    np.testing.assert_allclose(swapped.transform(pictures),
+                               np.hstack([expected[:, 64:], expected[:, :64]]), rtol=1e-6)
+    # layer1 alone runs a quarter of the network: the deeper graph is not worth reusing.
+    with pytest.warns(RuntimeWarning, match=r"ONNX export failed \(exported again\)"):
+        FeatureExtractor(**{**ONNX, "layers": "layer1", "cache": tmp_path}).fit(pictures)
+    # Another pooling's summaries are not in the graph.
+    with pytest.warns(RuntimeWarning, match=r"ONNX export failed \(exported again\)"):
+        FeatureExtractor(**{**ONNX, "layers": "layer3", "pooling": "flatten",
+                            "cache": tmp_path}).fit(pictures)
+    # A damaged note is passed over in silence, and the graph exported anew.
+    skt.extractor._RUNTIMES.clear()
+    note.write_bytes(note.read_bytes()[:-2])
+    monkeypatch.undo()
+    FeatureExtractor(**{**ONNX, "layers": ["layer2", "layer3"], "cache": tmp_path}).fit(pictures)
+    assert len(list(tmp_path.rglob("graph-*.onnx"))) == 2
+
+
 def test_onnx_engine_pools_tokens_as_torch_does(images, tmp_path):
     vit = _tiny_vit()
     params = {"layers": ["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1"],
@@ -539,7 +644,7 @@ def test_bfloat16_runs_autocast_in_torch_where_native(images, monkeypatch):
     assert half._get_runtime().engine.dtype == torch.bfloat16
     exact = FeatureExtractor(**TINY).fit(images).transform(images)
     assert 0 < np.abs(half.transform(images) - exact).max() < 0.1 * np.abs(exact).max()
-    with pytest.raises(ValueError, match="engine='onnx' runs in float32; "
+    with pytest.raises(ValueError, match="engine='onnx' runs float32 and int8; "
                                          "precision='bfloat16' runs in the torch engine"):
         FeatureExtractor(**{**TINY, "engine": "onnx"}, precision="bfloat16").fit(images)
 
@@ -548,3 +653,156 @@ def test_dtype_is_deprecated_for_precision(images, monkeypatch):
     monkeypatch.setattr(skt.extract._device, "native_bfloat16", lambda device: True)
     with pytest.warns(FutureWarning, match="dtype is deprecated .* use precision='bfloat16'"):
         assert FeatureExtractor(**TINY, dtype="bfloat16").fit(images).precision_ == "bfloat16"
+
+
+# ------------------------------------------------------------------- int8 --
+
+INT8 = {**TINY, "engine": "auto", "precision": "int8"}
+
+
+def _cosines(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_int8_onnx_features_follow_float32_and_calibration_is_reproducible(images, tmp_path):
+    from skt.extract._quantize import FLOAT_HEADS
+
+    quantized = FeatureExtractor(**INT8, layers=["layer3", "avgpool"], cache=tmp_path).fit(images)
+    assert (quantized.engine_, quantized.precision_) == ("onnx", "int8")
+    calibration = quantized.calibration_
+    assert set(calibration) == {"ranges", "float_convs", "cosine"}
+    assert calibration["float_convs"] in FLOAT_HEADS and calibration["cosine"] >= 0.99
+    features = quantized.transform(images)
+    exact = FeatureExtractor(**TINY, layers=["layer3", "avgpool"]).fit(images).transform(images)
+    assert features.shape == exact.shape == (8, 768) and features.dtype == np.float32
+    assert _cosines(features, exact).min() > 0.99
+    assert np.abs(features - exact).max() > 1e-5  # it did run in int8
+    # The same images calibrate the same graph: equal ranges, equal features.
+    again = FeatureExtractor(**INT8, layers=["layer3", "avgpool"]).fit(images)
+    assert again.calibration_ == calibration
+    np.testing.assert_array_equal(again.transform(images), features)
+    # Other images, other ranges: a configuration of its own in the cache.
+    other = FeatureExtractor(**INT8, layers=["layer3", "avgpool"], cache=tmp_path).fit(
+        images[:2])
+    assert other.calibration_["ranges"] != calibration["ranges"]
+    assert (other._cache_description()["calibration"]
+            != quantized._cache_description()["calibration"])
+
+
+def test_int8_calibrates_on_evenly_spaced_images_and_keeps_its_graph(images, tmp_path,
+                                                                     monkeypatch):
+    import skt.extract._quantize as quantize_module
+
+    seen = []
+    real = quantize_module.calibrate
+    monkeypatch.setattr(skt.extractor, "calibrate",
+                        lambda graph, batches, run: seen.append(batches) or real(graph, batches,
+                                                                                 run))
+    monkeypatch.setattr(quantize_module, "CALIBRATION_IMAGES", 3)
+    many = np.concatenate([images, images[::-1]])  # 16 images
+    quantized = FeatureExtractor(**INT8, cache=tmp_path, batch_size=2).fit(many)
+    batches = np.concatenate(seen[0])
+    prepared = FeatureExtractor(**TINY).fit(many).preprocessing_
+    expected = torch.stack([preprocess(torch.from_numpy(many[i]).permute(2, 0, 1), prepared)
+                            for i in (0, 8, 15)])  # linspace(0, 15, 3).round()
+    np.testing.assert_allclose(batches, expected.numpy(), atol=1e-6)
+    graphs = sorted(tmp_path.rglob("graph-*.onnx"))
+    assert len(graphs) == 2  # the float32 graph and its int8 version
+    int8_graph = quantized._graph_path(quantized._layout, "int8")
+    assert int8_graph in graphs and quantized._graph_path(quantized._layout, "float32") in graphs
+    assert int8_graph.stat().st_size < 0.5 * quantized._graph_path(
+        quantized._layout, "float32").stat().st_size  # int8 weights: a quarter of the bytes
+
+
+def test_int8_pickle_rebuilds_the_graph_from_its_calibration(images, tmp_path, monkeypatch):
+    import pickle
+
+    quantized = FeatureExtractor(**INT8, cache=tmp_path / "cache").fit(images)
+    expected = quantized.transform(images)
+    data = pickle.dumps(quantized)
+    for graph in (tmp_path / "cache").rglob("graph-*.onnx"):
+        graph.unlink()  # another machine: no graphs, only the pickle
+    skt.extractor._RUNTIMES.clear()
+    (tmp_path / "cache").rename(tmp_path / "gone")
+    monkeypatch.setenv("SKT_CACHE_DIR", str(tmp_path / "elsewhere"))
+    loaded = pickle.loads(data)
+    loaded.cache = None
+    np.testing.assert_array_equal(loaded.transform(images), expected)
+    assert len(list((tmp_path / "elsewhere").rglob("graph-*.onnx"))) == 2  # made again
+
+
+def test_int8_stops_when_the_calibration_is_close_enough(monkeypatch):
+    import skt.extract._quantize as quantize_module
+    from skt.extract._quantize import _leading
+
+    class Node:
+        def __init__(self, op_type, name):
+            self.op_type, self.name = op_type, name
+
+    nodes = [Node(op, f"n{i}") for i, op in enumerate(["Conv", "Clip", "Conv", "Add", "Conv"])]
+    assert _leading(nodes, 0) == []
+    assert _leading(nodes, 1) == ["n0"]
+    assert _leading(nodes, 2) == ["n0", "n1", "n2"]
+    assert _leading(nodes, 8) == ["n0", "n1", "n2", "n3", "n4"]  # more than there are: all
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((4, 3, 32, 32)).astype(np.float32)]
+    exact = FeatureExtractor(**{**TINY, "engine": "onnx"}).fit(np.zeros((1, 32, 32, 3),
+                                                                         np.uint8))
+    engine = exact._get_runtime().engine
+    tries = []
+    real = quantize_module._quantize
+    monkeypatch.setattr(quantize_module, "_quantize",
+                        lambda graph, k, ranges, data: tries.append(k) or real(graph, k, ranges,
+                                                                               data))
+    monkeypatch.setattr(quantize_module, "MIN_COSINE", 2.0)  # never reached: every try
+    result = quantize_module.calibrate(engine.graph, batches,
+                                       lambda batch: engine(torch.from_numpy(batch)))
+    assert tries == [0, 1, 3, 5, 8] and result["float_convs"] == 8
+    tries.clear()
+    monkeypatch.setattr(quantize_module, "MIN_COSINE", -1.0)  # reached at once
+    assert quantize_module.calibrate(engine.graph, batches,
+                                     lambda batch: engine(torch.from_numpy(batch))
+                                     )["float_convs"] == 0
+    assert tries == [0]
+
+
+def test_int8_skips_unreadable_calibration_images(image_files, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    files = [str(broken), *map(str, image_files)]
+    quantized = FeatureExtractor(**INT8, on_error="skip").fit(files)
+    assert quantized.calibration_["cosine"] >= 0.99
+    with pytest.raises(ValueError, match=r"precision='int8' calibrates on the images fit "
+                                         r"receives, and none of them could be read"):
+        FeatureExtractor(**INT8, on_error="skip").fit([str(broken)])
+
+
+def test_int8_errors_name_what_runs_it(images, monkeypatch):
+    with pytest.raises(ValueError, match=r"precision='int8' runs in ONNX Runtime; use "
+                                         r"engine='auto' or 'onnx'\."):
+        FeatureExtractor(**{**INT8, "engine": "torch"}).fit(images)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match=r"precision='int8' runs on the CPU; device is cuda\. "
+                                         r"Use device='cpu' or 'auto'\."):
+        FeatureExtractor(**INT8, device="cuda").fit(images)
+    assert FeatureExtractor(**INT8, device="auto").fit(images)._device().type == "cpu"
+    monkeypatch.setattr(skt.extract._engines, "onnx_available", lambda: False)
+    with pytest.raises(ImportError, match=r"precision='int8' needs ONNX Runtime: "
+                                          r"pip install 'skt\[onnx\]'\."):
+        FeatureExtractor(**INT8).fit(images)
+
+
+def test_int8_frozen_in_a_search_calibrates_once(images, monkeypatch):
+    from sklearn.frozen import FrozenEstimator
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import make_pipeline
+
+    quantized = FeatureExtractor(**INT8).fit(images)
+    calibration = quantized.calibration_
+    monkeypatch.setattr(skt.extractor, "calibrate", lambda *args: pytest.fail("calibrated"))
+    search = GridSearchCV(make_pipeline(FrozenEstimator(quantized),
+                                        LogisticRegression(max_iter=200)),
+                          {"logisticregression__C": [0.1, 1.0]}, cv=2)
+    search.fit(np.concatenate([images, images]), [0, 1] * 8)
+    assert search.best_estimator_[0].estimator.calibration_ is calibration

@@ -94,3 +94,17 @@ def test_lite0_bfloat16_features_stay_close_to_float32():
                                                                                       axis=1)
     assert cosine.min() > 0.98 and cosine.mean() > 0.995, cosine
     assert np.abs(exact - approx).max() > 1e-4  # it did compute in bfloat16
+
+
+def test_lite0_int8_features_stay_close_to_float32():
+    require("onnxruntime", "pip install 'skt[onnx]'")
+    files = [str(f) for f in foolbox_imagenet_files()]
+    calibration, held_out = files[::2], files[1::2]
+    quantized = FeatureExtractor(precision="int8").fit(calibration)
+    assert (quantized.engine_, quantized.precision_) == ("onnx", "int8")
+    exact = FeatureExtractor().fit(calibration).transform(held_out)
+    approx = quantized.transform(held_out)
+    cosine = (exact * approx).sum(1) / np.linalg.norm(exact, axis=1) / np.linalg.norm(approx,
+                                                                                      axis=1)
+    assert cosine.min() > 0.95 and cosine.mean() > 0.985, cosine
+    assert np.abs(exact - approx).max() > 1e-3  # it did compute in int8

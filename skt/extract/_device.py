@@ -3,27 +3,54 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import platform
 import warnings
 
 import torch
 
-__all__ = ["PRECISIONS", "native_bfloat16", "resolve_device", "resolve_precision"]
+__all__ = ["PRECISIONS", "machine_key", "native_bfloat16", "resolve_device",
+           "resolve_precision"]
 
-PRECISIONS = ("float32", "float16", "bfloat16")
-"""Values of ``precision``: exact float32, or autocast to a 16-bit type where it is native."""
+PRECISIONS = ("float32", "float16", "bfloat16", "int8")
+"""Values of ``precision``: exact float32, autocast to a 16-bit type where it is native, or
+int8 quantisation in ONNX Runtime (see :func:`~skt.extract.check_engine`)."""
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
-    """The CPU's instruction-set flags (Linux's /proc/cpuinfo); empty elsewhere."""
+def _cpuinfo(field: str) -> str:
+    """The first ``field`` line of Linux's /proc/cpuinfo; empty elsewhere."""
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if line.split(":", 1)[0].strip() == field:
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return ""
+
+
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's instruction-set flags (Linux's /proc/cpuinfo); empty elsewhere."""
+    return frozenset(_cpuinfo("flags").split())
+
+
+def machine_key(threads: int) -> str:
+    """A short hash of what an engine's speed depends on besides the network: the CPU
+    (model and instruction sets), its cores, ``threads`` and the engines' versions.
+
+    A choice measured on one machine is not reused on another, nor after an upgrade.
+    """
+    try:
+        import onnxruntime
+        runtime = onnxruntime.__version__
+    except ImportError:
+        runtime = "none"
+    text = "|".join([_cpuinfo("model name") or platform.processor() or platform.machine(),
+                     " ".join(sorted(_cpu_flags())), str(os.cpu_count()), str(threads),
+                     torch.__version__, runtime])
+    return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 
 def native_bfloat16(device: torch.device) -> bool:
@@ -36,7 +63,8 @@ def native_bfloat16(device: torch.device) -> bool:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The precision that runs on ``device``: ``precision``, or float32 with a warning where
-    the 16-bit type is not native (autocast there is several times slower, not faster)."""
+    the 16-bit type is not native (autocast there is several times slower, not faster).
+    "int8" is returned as it is; :func:`~skt.extract.check_engine` says where it runs."""
     if precision == "float16" and device.type != "cuda":
         warnings.warn(f"precision='float16' runs on CUDA only; on {device.type} the network "
                       "runs in float32.", UserWarning, stacklevel=4)

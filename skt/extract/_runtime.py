@@ -39,12 +39,19 @@ class FeatureRuntime:
         from the same summaries.
     device : torch.device
     engine : {"auto", "torch", "onnx"}
-    precision : {"float32", "float16", "bfloat16"}
+    precision : {"float32", "float16", "bfloat16", "int8"}
         As settled by :func:`~skt.extract.resolve_precision`.
     graph_path : callable, optional
-        ``graph_path(layout)``: where the exported ONNX graph is kept, or None.
+        ``graph_path(layout, precision)``: where the ONNX graph of that
+        precision is kept, or None.
     threads : int, optional
         CPU threads of the network (see :func:`~skt.extract.make_engine`).
+    calibration : dict, optional
+        For ``precision="int8"``: what :func:`~skt.extract.calibrate` returned.
+    reusable : callable, optional
+        ``reusable(layout)``: stored float32 graphs that compute these layers
+        among others, with our outputs' positions in theirs (see
+        :class:`~skt.extract.OnnxEngine`); tried before a new export.
 
     Attributes
     ----------
@@ -56,14 +63,22 @@ class FeatureRuntime:
     def __init__(self, network: nn.Module, classifier: str | None,
                  preprocessing: Preprocessing, layers: list[str], pooling: str, *,
                  device: torch.device, engine: str = "torch", precision: str = "float32",
-                 graph_path: Callable[[list[LayerLayout]], Path | None] | None = None,
-                 threads: int | None = None) -> None:
+                 graph_path: Callable[[list[LayerLayout], str], Path | None] | None = None,
+                 threads: int | None = None, calibration: dict | None = None,
+                 reusable: Callable[[list[LayerLayout]], list] | None = None) -> None:
         size = preprocessing.crop_size
         model, self.layout = build_feature_model(copy.deepcopy(network), classifier, size,
                                                  layers, pooling)
         self.preprocessing = preprocessing
-        path = None if graph_path is None else graph_path(self.layout)
-        self.engine = make_engine(model, engine, device, size, precision, path, threads)
+        def place(kind: str) -> Path | None:
+            return None if graph_path is None else graph_path(self.layout, kind)
+
+        reuse = (reusable(self.layout) if reusable is not None and precision == "float32"
+                 and engine != "torch" else [])
+        self.engine = make_engine(model, engine, device, size, precision, place(precision),
+                                  threads, calibration=calibration,
+                                  float_path=place("float32") if calibration else None,
+                                  reuse=reuse)
 
     def summaries(self, images: Sequence, indices: Sequence[int], batch_size: int,
                   num_workers: int, views: Sequence[int] = (0,),
