@@ -50,8 +50,9 @@ from skt.images import as_image_list, iter_batches
 WEIGHTS = {"resnet18": None, "mobilenet_v3_large": None, "efficientnet_lite0": "DEFAULT"}
 
 
-def make_photos(folder: Path, count: int, size=(500, 375)) -> list[str]:
-    """Photo-like JPEGs: random crops of scikit-image's sample photos, resized."""
+def make_photos(folder: Path, count: int, size=(500, 375), grain: float = 0.0) -> list[str]:
+    """Photo-like JPEGs (quality 90): random crops of scikit-image's sample photos, resized,
+    with Gaussian ``grain`` (standard deviation in 0-255 levels) as a camera sensor adds."""
     from skimage import data
 
     sources = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(),
@@ -64,7 +65,10 @@ def make_photos(folder: Path, count: int, size=(500, 375)) -> list[str]:
         ch, cw = int(h * rng.uniform(0.6, 1)), int(w * rng.uniform(0.6, 1))
         top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
         crop = Image.fromarray(photo[top:top + ch, left:left + cw]).resize(size)
-        path = folder / f"photo{i:05d}.jpg"
+        if grain:
+            noisy = np.asarray(crop, dtype=np.float32) + rng.normal(0, grain, (*size[::-1], 3))
+            crop = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+        path = folder / f"photo{size[0]}x{size[1]}_{i:05d}.jpg"
         crop.save(path, quality=90)
         paths.append(str(path))
     return paths
