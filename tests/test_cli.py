@@ -68,6 +68,19 @@ def test_extract_files_and_globs_to_npy(image_files, tmp_path, capsys):
     np.testing.assert_allclose(features[:4], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_extract_int8_calibrates_on_the_inputs(image_files, tmp_path, capsys):
+    from skt import FeatureExtractor
+
+    output = tmp_path / "features.npy"
+    args = [arg if arg != "torch" else "auto" for arg in TINY_ARGS]
+    status, _, err = run(capsys, "extract", *image_files, "-o", str(output), *args,
+                         "--precision", "int8")
+    assert status == 0, err
+    expected = FeatureExtractor("resnet18", weights=None, random_state=0, image_size=32,
+                                precision="int8").fit(image_files).transform(image_files)
+    np.testing.assert_array_equal(np.load(output), expected)  # the same calibration
+
+
 def test_extract_files_to_npz_keeps_their_order_without_labels(image_files, tmp_path, capsys):
     output = tmp_path / "features.npz"
     status, _, err = run(capsys, "extract", *image_files[:3], "-o", str(output), *TINY_ARGS)
