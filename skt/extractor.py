@@ -256,7 +256,8 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
     n_features_out_ : int
         Number of output columns.
     engine_ : str
-        The engine that runs the network: ``"torch"`` or ``"onnx"``.
+        The engine that runs the network: ``"torch"`` or ``"onnx"`` (with
+        ``engine="auto"``, the one measured faster on this machine).
     precision_ : str
         What the network computes in on this machine (see ``precision``).
     calibration_ : dict or None
