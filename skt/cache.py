@@ -10,9 +10,8 @@ Layout under the cache directory::
     skt-features/v<FORMAT>/<config>/config.json          what <config> describes
     skt-features/v<FORMAT>/<config>/<layer>/<ab>/<image>  one entry per image
     skt-features/v<FORMAT>/<config>/graph-<layout>.onnx   an exported ONNX graph
-    skt-features/v<FORMAT>/<config>/graph-<layout>.layers.json         the layers it computes
-    skt-features/v<FORMAT>/<config>/graph-<layout>-engine-<machine>.json  engine="auto"'s
-                                                          measured choice on one machine
+        .../graph-<layout>.layers.json                    the layers that graph computes
+        .../graph-<layout>-engine-<machine>.json          engine="auto"'s measured choice
 
 ``<config>`` hashes everything that changes a layer's output except the image:
 the backbone, a hash of its actual weights, every preprocessing setting and

@@ -519,9 +519,10 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         # Every pooling but "flatten" runs the same graph: its summaries serve them all;
         # the class-token ones are checked against the layers when the graph is built.
         pooling = self.pooling if self.pooling in ("flatten", *TOKEN_POOLINGS) else None
+        cache = open_cache(self.cache)  # where its graph and engine choice are kept
         key = (self._fingerprint, tuple(self.layers_), pooling, self.preprocessing_,
                str(device), precision, engine, self.n_threads,
-               calibration and calibration_digest(calibration))
+               calibration and calibration_digest(calibration), cache and cache.root)
         return _RUNTIMES.get_or_make(key, make)
 
     def _graph_path(self, layout, precision: str) -> Path | None:
