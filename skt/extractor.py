@@ -203,13 +203,17 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
         the same ``X`` gives the same extractor and ``calibration_`` (pickled
         with it) rebuilds the graph elsewhere. ``fit`` keeps the first
         convolutions in float32 until the features' mean cosine to float32's
-        on those images reaches 0.99 (EfficientNet-Lite0 keeps three), a few
-        seconds per try, once per configuration; the int8 graph is kept with
-        the float32 one (see ``engine``). On a 2-core AVX-512 VNNI EPYC it ran
-        ResNet-18 and Lite0 about 3 and 2 times as fast as the float32 ONNX
-        engine (README "Performance", with the fidelity on photos and cells). ``"bfloat16"``
-        autocasts to bfloat16 in the torch engine where the hardware has it
-        natively: CPUs with AVX512-BF16 or AMX instructions, and recent GPUs.
+        on those images reaches 0.99 (EfficientNet-Lite0 keeps three on
+        ELPV's solar cells, none on photos), a few seconds per try, once per
+        configuration; the int8 graph is kept with the float32 one (see
+        ``engine``). In a grid search each fold calibrates anew; to calibrate
+        once, fit the extractor first and pass
+        ``sklearn.frozen.FrozenEstimator(extractor)``. On a 2-core AVX-512
+        VNNI EPYC int8 ran ResNet-18 and Lite0 about 3 and 2 times as fast as
+        the float32 ONNX engine (README "Performance", with the fidelity on
+        photos and cells). ``"bfloat16"`` autocasts to bfloat16 in the torch
+        engine where the hardware has it natively: CPUs with AVX512-BF16 or
+        AMX instructions, and recent GPUs.
         On a 2-core AVX512-BF16 EPYC, Lite0's forward pass ran 3.8 times
         as fast as float32 in torch, yet at half the rate of the default
         float32 ONNX engine (ResNet-18's was faster); features had a mean
