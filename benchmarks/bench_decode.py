@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
@@ -64,6 +63,7 @@ from PIL import Image
 
 from skt.images import Preprocessing, load_image, preprocess
 from skt.images._batching import PREPROCESS_THREADS, torch_threads
+from skt.images._decode import _draft_size
 
 CONFIG = Preprocessing(crop_size=224, resize_size=256)
 DRAFT = CONFIG.resize_size
@@ -84,9 +84,9 @@ def foolbox_jpegs() -> list[str]:
 # -------------------------------------------------------------- pipelines --
 
 def pil_draft_scale(size: tuple[int, int], shorter_side: int) -> int:
-    """The reduction (1, 2, 4 or 8) PIL's ``draft`` picks, as in ``JpegImageFile.draft``."""
-    scale = shorter_side / min(size)
-    wanted = math.ceil(size[0] * scale), math.ceil(size[1] * scale)
+    """The reduction (1, 2, 4 or 8) PIL's ``draft`` picks for skt's request, as in
+    ``JpegImageFile.draft``."""
+    wanted = _draft_size(size, shorter_side)  # what load_image asks PIL for
     fits = min(size[0] // wanted[0], size[1] // wanted[1])
     return next(s for s in (8, 4, 2, 1) if fits >= s)
 
@@ -233,7 +233,7 @@ def report_set(name: str, files: list[str], runners: dict, args, folder: Path) -
         rate(run, paths[:8], 1)  # warm-up
     if args.pillow_simd:
         simd_version = child_rate(args.pillow_simd, files, 1, str(folder / "simd.pt"))["pil"]
-        outputs["pillow-simd"] = torch.load(folder / "simd.pt")
+        outputs["pillow-simd"] = torch.load(folder / "simd.pt", weights_only=True)
     rates = dict.fromkeys([(key, threads) for key in outputs for threads in (1, 2)], 0.0)
     stock = {1: 0.0, 2: 0.0}  # (a) in a child of this interpreter, against pillow-simd's child
     for _ in range(args.repeats):

@@ -177,6 +177,8 @@ def ranks(tmp_path_factory):
             del os.environ["OMP_NUM_THREADS"]
         else:
             os.environ["OMP_NUM_THREADS"] = previous
+    # Written a moment ago by this test's own child processes in a fresh temporary folder:
+    # histories, error messages and flags, which weights_only=True does not load.
     seen = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     return folder, seen
 

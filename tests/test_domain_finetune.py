@@ -517,7 +517,7 @@ def adapt_on_rank(rank: int, world: int, port: int, folder: str) -> None:
 def test_two_processes_adapt_together(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     spawn(adapt_on_rank, (2, free_port(), str(tmp_path)))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for name in DDP_FITS:
         first, second = (seen[name] for seen in ranks)
         assert first["world"] == 2 and first["history"] == second["history"]
