@@ -43,10 +43,11 @@ from skt.extract import (
     calibration_indices,
     check_engine,
     extract_into,
+    readable_batches,
     resolve_device,
     resolve_precision,
 )
-from skt.images import as_image_list, iter_batches, torch_threads, view_count, view_of
+from skt.images import as_image_list, torch_threads, view_count, view_of
 from skt.pooling import POOLINGS, TOKEN_POOLINGS
 
 __all__ = ["FeatureExtractor"]
@@ -417,17 +418,12 @@ class FeatureExtractor(ImageEstimatorMixin, TransformerMixin, BaseEstimator):
             raise RuntimeError(f"precision='int8' runs an ONNX export of {self._label()}, and "
                                "the export failed (see the warning above); use "
                                "precision='float32' or 'bfloat16'.")
-        indices = [i for i in calibration_indices(len(images)) if not failures or i not in failures]
-        local = {} if failures is not None else None
-        batches = []
-        for start, batch in zip(range(0, len(indices), self.batch_size),
-                                iter_batches(images, self.preprocessing_, self.batch_size,
-                                             resolve_num_workers(self.num_workers), indices,
-                                             failures=local), strict=True):
-            rows = indices[start:start + len(batch)]
-            keep = [k for k, row in enumerate(rows) if not local or row not in local]
-            if keep:
-                batches.append(batch[keep].numpy())
+        # Items fit already refused are left out; those that fail to decode are only skipped
+        # here (with on_error="skip"), for transform to report.
+        skipped = None if failures is None else dict(failures)
+        batches = [batch.numpy() for _, batch in readable_batches(
+            images, self.preprocessing_, calibration_indices(len(images)), self.batch_size,
+            resolve_num_workers(self.num_workers), skipped)]
         if not batches:
             raise ValueError("precision='int8' calibrates on the images fit receives, and none "
                              "of them could be read; pass readable images to fit.")

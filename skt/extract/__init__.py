@@ -25,7 +25,7 @@ from skt.extract._engines import (
 )
 from skt.extract._model import FeatureModel, build_feature_model, truncate
 from skt.extract._quantize import calibrate, calibration_digest, calibration_indices, quantize
-from skt.extract._runtime import FeatureRuntime, extract_into
+from skt.extract._runtime import FeatureRuntime, extract_into, readable_batches
 
 __all__ = [
     "PRECISIONS",
@@ -45,6 +45,7 @@ __all__ = [
     "native_bfloat16",
     "onnx_available",
     "quantize",
+    "readable_batches",
     "resolve_device",
     "resolve_precision",
     "truncate",

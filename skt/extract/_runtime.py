@@ -19,7 +19,32 @@ from skt.extract._model import build_feature_model
 from skt.images import Preprocessing, apply_orientation, dihedral_view, iter_batches
 from skt.pooling import LayerLayout, pool_into
 
-__all__ = ["FeatureRuntime", "extract_into"]
+__all__ = ["FeatureRuntime", "extract_into", "readable_batches"]
+
+
+def readable_batches(images: Sequence, preprocessing: Preprocessing, indices: Sequence[int],
+                     batch_size: int, num_workers: int,
+                     failures: dict[int, str] | None = None,
+                     ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield ``(rows, batch)``: the preprocessed images at ``indices``, batch by batch.
+
+    With a ``failures`` dict, items that cannot be read are recorded there
+    (see :func:`skt.images.iter_batches`) and left out of ``rows`` and
+    ``batch``, as are items already in it; a batch with no item left yields
+    nothing.
+    """
+    indices = list(indices)
+    start = 0
+    for batch in iter_batches(images, preprocessing, batch_size, num_workers, indices,
+                              failures=failures):
+        rows = indices[start:start + len(batch)]
+        start += len(batch)
+        if failures:
+            keep = [k for k, row in enumerate(rows) if row not in failures]
+            if not keep:
+                continue
+            batch, rows = batch[keep], [rows[k] for k in keep]
+        yield rows, batch
 
 
 class FeatureRuntime:
@@ -89,22 +114,11 @@ class FeatureRuntime:
         With several ``views`` (:func:`skt.images.dihedral_view` numbers), each
         summary is the mean of the views' summaries, which is the mean of
         their features (every part of a summary is a feature): test-time
-        augmentation. Each image is decoded once for all its views. With a ``failures`` dict, items
-        that cannot be read are recorded there (see
-        :func:`skt.images.iter_batches`) and left out of ``rows``, as are items
-        already in it; a batch with no item left yields nothing.
+        augmentation. Each image is decoded once for all its views. ``failures``:
+        as in :func:`readable_batches`.
         """
-        indices = list(indices)
-        start = 0
-        for batch in iter_batches(images, self.preprocessing, batch_size, num_workers, indices,
-                                  failures=failures):
-            rows = indices[start:start + len(batch)]
-            start += len(batch)
-            if failures:
-                keep = [k for k, row in enumerate(rows) if row not in failures]
-                if not keep:
-                    continue
-                batch, rows = batch[keep], [rows[k] for k in keep]
+        for rows, batch in readable_batches(images, self.preprocessing, indices, batch_size,
+                                            num_workers, failures):
             outputs = [self.engine(dihedral_view(batch, view)) for view in views]
             yield rows, [np.mean(parts, axis=0, dtype=np.float32) if len(parts) > 1 else parts[0]
                          for parts in zip(*outputs, strict=True)]
