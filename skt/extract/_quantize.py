@@ -85,21 +85,24 @@ def calibrate(graph: bytes, batches: Sequence[np.ndarray], run_float) -> dict:
         features reach a mean cosine of :data:`MIN_COSINE` to float32's on
         ``batches`` (the last entry when none does); ``"cosine"``: that mean.
     """
-    expected = [_rows(run_float(batch)) for batch in batches]
-    ranges = None
-    for float_convs in FLOAT_HEADS:
-        quantized, ranges = _quantize(graph, float_convs, ranges, batches)
-        session = _session(quantized)
-        got = [_rows(session.run(None, {"x": batch})) for batch in batches]
-        cosine = float(np.mean(_cosines(np.concatenate(expected), np.concatenate(got))))
-        if cosine >= MIN_COSINE:
-            break
+    expected = np.concatenate([_rows(run_float(batch)) for batch in batches])
+    ranges = None  # measured by the first try, reused by the others
+    with _prepared(graph) as prepared:
+        for float_convs in FLOAT_HEADS:
+            quantized, ranges = _quantize(prepared, float_convs, ranges, batches)
+            session = _session(quantized)
+            got = np.concatenate([_rows(session.run(None, {"x": batch})) for batch in batches])
+            cosine = float(np.mean(_cosines(expected, got)))
+            if cosine >= MIN_COSINE:
+                break
     return {"ranges": ranges, "float_convs": float_convs, "cosine": round(cosine, 6)}
 
 
 def quantize(graph: bytes, calibration: dict) -> bytes:
     """The int8 graph of ``graph`` under ``calibration`` (from :func:`calibrate`)."""
-    quantized, _ = _quantize(graph, calibration["float_convs"], calibration["ranges"], None)
+    with _prepared(graph) as prepared:
+        quantized, _ = _quantize(prepared, calibration["float_convs"], calibration["ranges"],
+                                 None)
     return quantized
 
 
@@ -114,36 +117,44 @@ class _Batches:
         return None if batch is None else {"x": np.ascontiguousarray(batch, dtype=np.float32)}
 
 
-def _quantize(graph: bytes, float_convs: int, ranges: str | None,
-              batches: Sequence[np.ndarray] | None) -> tuple[bytes, str]:
-    """Quantise with stored ``ranges``, or measure them on ``batches`` when None."""
+@contextlib.contextmanager
+def _prepared(graph: bytes):
+    """A scratch folder holding ``graph`` made ready for quantising, and its nodes.
+
+    Shape inference and graph clean-up, as ONNX Runtime recommends before
+    quantising, done once for every try of :func:`calibrate`. The image size
+    is fixed, so ONNX's own inference knows every shape (the symbolic one,
+    meant for sequence models, fails on some of these graphs).
+    """
     import onnx
-    from onnxruntime.quantization import (
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_static,
-    )
+    from onnxruntime.quantization import quant_pre_process
 
     with tempfile.TemporaryDirectory(prefix="skt-int8-") as scratch, _quiet():
         folder = Path(scratch)
         (folder / "float.onnx").write_bytes(graph)
-        # Shape inference and graph clean-up, as ONNX Runtime recommends before quantising;
-        # the image size is fixed, so ONNX's own inference knows every shape (the symbolic
-        # one, meant for sequence models, fails on some of these graphs).
         quant_pre_process(str(folder / "float.onnx"), str(folder / "prepared.onnx"),
                           skip_symbolic_shape=True)
-        nodes = onnx.load(str(folder / "prepared.onnx")).graph.node
-        cache = folder / "ranges.json"
-        if ranges is not None:
-            cache.write_text(ranges)
+        yield folder, onnx.load(str(folder / "prepared.onnx")).graph.node
+
+
+def _quantize(prepared: tuple, float_convs: int, ranges: str | None,
+              batches: Sequence[np.ndarray] | None) -> tuple[bytes, str]:
+    """Quantise a :func:`_prepared` graph with stored ``ranges``, or with ranges measured on
+    ``batches`` when None; returns the int8 graph and the ranges."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    folder, nodes = prepared
+    cache = folder / "ranges.json"
+    if ranges is not None:
+        cache.write_text(ranges)
+    with _quiet():
         quantize_static(str(folder / "prepared.onnx"), str(folder / "int8.onnx"),
                         None if ranges is not None else _Batches(batches),
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=_leading(nodes, float_convs),
                         calibration_cache_path=str(cache))
-        return (folder / "int8.onnx").read_bytes(), cache.read_text()
+    return (folder / "int8.onnx").read_bytes(), cache.read_text()
 
 
 def _leading(nodes, float_convs: int) -> list[str]:
