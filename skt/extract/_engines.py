@@ -283,7 +283,8 @@ def _choose(model: FeatureModel, device: torch.device, size: int,
     if choice is not None:
         chosen = (TorchEngine(model, device, "float32", threads) if choice["engine"] == "torch"
                   else _onnx_or_torch(model, device, size, onnx_path, threads, reuse))
-        chosen.rates = choice.get("rates")
+        if chosen.name == choice["engine"]:  # not a fallback after a failed export
+            chosen.rates = choice.get("rates")
         return chosen
     exported = _onnx_or_torch(model, device, size, onnx_path, threads, reuse)
     if exported.name == "torch":  # the export failed: nothing to measure against
