@@ -84,6 +84,14 @@ the partitions that are missing.
 nor numpy for the first two: each command imports what it needs when it runs,
 so start-up stays a fraction of a second (``tests/test_cli.py`` checks the
 imports).
+
+Huge pages: before any command imports torch, ``skt`` sets
+``THP_MEM_ALLOC_ENABLE=1`` unless the environment already sets it
+(:func:`skt._utils.request_huge_pages`), so that torch's large CPU tensors
+sit on transparent huge pages. On the README's 2-core machine, whole-network
+fine-tuning epochs ran 1.66x and torch-engine extraction 2.47x faster, for
+up to 17 % more peak memory (``benchmarks/bench_alloc.py``).
+``THP_MEM_ALLOC_ENABLE=0 skt ...`` keeps 4 KiB pages.
 """
 
 from __future__ import annotations
@@ -105,7 +113,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from skt._utils import expand_path, image_progress, jsonl_bytes, stat_digest
+from skt._utils import (
+    expand_path,
+    image_progress,
+    jsonl_bytes,
+    request_huge_pages,
+    stat_digest,
+)
 from skt._version import __version__
 
 __all__ = ["kill_and_resume", "main", "read_jsonl"]
@@ -906,6 +920,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``skt`` and ``python -m skt``; returns the exit status (see above)."""
+    request_huge_pages()  # before any command imports torch; see "Huge pages" above
     try:
         status = _parse_and_run(argv)
         sys.stdout.flush()  # so a closed pipe is met here, not while Python exits

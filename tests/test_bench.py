@@ -612,3 +612,17 @@ def test_format_machine_names_the_instruction_sets():
         "average 0.5; torch 2.x, torchvision 0.x, scikit-learn 1.x, skt 0.1")
     flags = machine_info()["instruction_sets"]
     assert isinstance(flags, list) and all(isinstance(flag, str) for flag in flags)
+
+
+def test_format_machine_names_the_huge_page_mode():
+    from skt.bench import format_machine
+
+    info = {"cpu": "Some CPU", "instruction_sets": [], "cpu_cores": 2, "torch_threads": 2,
+            "device": "cpu", "load_average": None, "huge_pages": "madvise, torch asks",
+            "torch": "2.x", "torchvision": "0.x", "scikit-learn": "1.x", "skt": "0.1"}
+    assert format_machine(info) == (
+        "Machine: Some CPU, 2 CPU cores, 2 torch threads, device cpu, huge pages madvise, "
+        "torch asks; torch 2.x, torchvision 0.x, scikit-learn 1.x, skt 0.1")
+    mode = machine_info()["huge_pages"]
+    assert mode.split(", ")[0] in ("always", "madvise", "never", "unknown")
+    assert mode.endswith(("torch asks", "torch does not ask"))

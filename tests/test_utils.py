@@ -15,7 +15,9 @@ from skt._utils import (
     available_cores,
     close_matches,
     expand_path,
+    huge_pages,
     memory_format,
+    request_huge_pages,
     resolve_num_workers,
 )
 
@@ -129,3 +131,44 @@ def test_memory_format_and_close_matches():
     assert close_matches("layer5", ["layer4", "layer3", "fc"]) == (
         " Close matches: ['layer4', 'layer3'].")
     assert close_matches("zzz", ["layer4"]) == ""
+
+
+def test_request_huge_pages_sets_the_variable_only_before_torch_and_unless_set():
+    environ = {}
+    request_huge_pages(environ, modules={"numpy"})
+    assert environ == {"THP_MEM_ALLOC_ENABLE": "1"}
+    environ = {"THP_MEM_ALLOC_ENABLE": "0"}  # the user's choice stays
+    request_huge_pages(environ, modules={"numpy"})
+    assert environ == {"THP_MEM_ALLOC_ENABLE": "0"}
+    environ = {}
+    request_huge_pages(environ, modules={"numpy", "torch"})  # too late: torch may have read it
+    assert environ == {}
+
+
+_FAULTS_OF_A_TENSOR = """
+import os, resource, sys
+os.environ.pop("THP_MEM_ALLOC_ENABLE", None)
+from skt.cli import main
+assert "torch" not in sys.modules
+print(main(["compare", sys.argv[1]]), os.environ.get("THP_MEM_ALLOC_ENABLE"))
+import torch
+torch.zeros(1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.ones(64 << 18)  # 64 MiB: 16,384 pages of 4 KiB
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_the_command_puts_torch_tensors_on_huge_pages(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _FAULTS_OF_A_TENSOR, str(tmp_path / "none")],
+                            capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    status_and_variable, faults = result.stdout.split("\n")[:2]
+    assert status_and_variable == "1 1"  # the folder is missing; the variable was set first
+    if not huge_pages().startswith("madvise"):
+        pytest.skip(f"the kernel's huge page mode is {huge_pages().split(',')[0]}, not madvise: "
+                    "the variable decides nothing there")
+    assert int(faults) < 2048, faults  # 4 KiB pages would fault 16,384 times

@@ -11,7 +11,7 @@ import sklearn
 import torch
 import torchvision
 
-from skt._utils import available_cores, resolve_num_workers
+from skt._utils import available_cores, huge_pages, resolve_num_workers
 from skt._version import __version__
 from skt.extract import resolve_device
 
@@ -78,6 +78,7 @@ def machine_info() -> dict[str, Any]:
         "decoding_workers": resolve_num_workers(None),
         "blas_threads_for_heads": HEAD_BLAS_THREADS,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "huge_pages": huge_pages(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -94,7 +95,8 @@ def format_machine(info: dict[str, Any]) -> str:
     busy = f", load average {load[0]:.1f}" if load else ""
     sets = info.get("instruction_sets")
     flags = f" ({' '.join(sets)})" if sets else ""
+    pages = f", huge pages {info['huge_pages']}" if info.get("huge_pages") else ""
     return (f"Machine: {info['cpu']}{flags}, {info['cpu_cores']} CPU cores, "
-            f"{info['torch_threads']} torch threads, device {info['device']}{busy}; "
+            f"{info['torch_threads']} torch threads, device {info['device']}{busy}{pages}; "
             f"torch {info['torch']}, torchvision {info['torchvision']}, "
             f"scikit-learn {info['scikit-learn']}, skt {info['skt']}")
