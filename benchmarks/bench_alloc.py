@@ -44,16 +44,9 @@ VARIABLE = "THP_MEM_ALLOC_ENABLE"
 def run_job(job: str, images: int, epochs: int) -> dict:
     """One job in this process; its seconds, minor page faults and peak memory."""
     import numpy as np
+    from bench_finetune import time_estimator  # this folder's fine-tuning timer
 
-    from skt import FeatureExtractor, FineTuneClassifier
-    from skt.training import Callback
-
-    class EpochTimer(Callback):
-        def on_epoch_begin(self, estimator, state) -> None:
-            self._start = time.perf_counter()
-
-        def on_epoch_end(self, estimator, state) -> None:
-            state.history[-1]["seconds"] = time.perf_counter() - self._start
+    from skt import FeatureExtractor
 
     X = np.random.default_rng(0).integers(0, 256, (images, 300, 300, 3), dtype=np.uint8)
     y = np.arange(images) % 2
@@ -67,10 +60,8 @@ def run_job(job: str, images: int, epochs: int) -> dict:
         seconds = time.perf_counter() - start
     else:
         freeze = 0 if job == "finetune-freeze0" else "auto"
-        clf = FineTuneClassifier(freeze=freeze, max_iter=epochs, image_size=224, device="cpu",
-                                 callbacks=[EpochTimer()], random_state=0)
-        clf.fit(X, y)
-        seconds = float(np.mean([row["seconds"] for row in clf.history_[1:]]))
+        settings = argparse.Namespace(size=224, epochs=epochs, batch_size=32)
+        seconds = time_estimator(X, y, freeze, "auto", settings)["later"]
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {"seconds": seconds, "faults": usage.ru_minflt - faults,
             "peak_mib": usage.ru_maxrss / 1024}

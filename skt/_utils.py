@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import hashlib
 import json
 import os
@@ -24,6 +25,9 @@ __all__ = [
     "atomic_write",
     "available_cores",
     "close_matches",
+    "cpu_flags",
+    "cpu_info",
+    "cpu_model",
     "expand_path",
     "huge_pages",
     "image_progress",
@@ -209,6 +213,32 @@ def available_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+@functools.cache
+def cpu_info(field: str) -> str:
+    """The first ``field`` line of Linux's /proc/cpuinfo (``"model name"``, ``"flags"``);
+    empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.split(":", 1)[0].strip() == field:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def cpu_model() -> str:
+    """The CPU's name: /proc/cpuinfo's model name, or what ``platform`` knows."""
+    import platform
+
+    return cpu_info("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's instruction-set flags (Linux's /proc/cpuinfo names); empty elsewhere."""
+    return frozenset(cpu_info("flags").split())
 
 
 def resolve_num_workers(num_workers: int | None) -> int:

@@ -11,7 +11,7 @@ import sklearn
 import torch
 import torchvision
 
-from skt._utils import available_cores, huge_pages, resolve_num_workers
+from skt._utils import available_cores, cpu_flags, cpu_model, huge_pages, resolve_num_workers
 from skt._version import __version__
 from skt.extract import resolve_device
 
@@ -31,27 +31,11 @@ INSTRUCTION_SETS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx
 """CPU flags that change which engine and precision run fastest (Linux names)."""
 
 
-def _cpuinfo(key: str) -> str | None:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith(key):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def _cpu_model() -> str:
-    return _cpuinfo("model name") or platform.processor() or platform.machine()
-
-
 def _instruction_sets() -> list[str]:
     """Which of :data:`INSTRUCTION_SETS` the CPU has; torch's own report off Linux."""
-    flags = _cpuinfo("flags")
-    if flags is not None:
-        present = set(flags.split())
-        return [name for name in INSTRUCTION_SETS if name in present]
+    flags = cpu_flags()
+    if flags:
+        return [name for name in INSTRUCTION_SETS if name in flags]
     return [torch.backends.cpu.get_cpu_capability().lower()]
 
 
@@ -70,7 +54,7 @@ def machine_info() -> dict[str, Any]:
     True
     """
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "instruction_sets": _instruction_sets(),
         "cpu_cores": available_cores(),
         "torch_threads": torch.get_num_threads(),

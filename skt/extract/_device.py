@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
-import platform
 import warnings
 
 import torch
 
-from skt._utils import huge_pages
+from skt._utils import cpu_flags, cpu_model, huge_pages
 
 __all__ = ["PRECISIONS", "machine_key", "native_bfloat16", "resolve_device",
            "resolve_precision"]
@@ -18,24 +16,6 @@ __all__ = ["PRECISIONS", "machine_key", "native_bfloat16", "resolve_device",
 PRECISIONS = ("float32", "float16", "bfloat16", "int8")
 """Values of ``precision``: exact float32, autocast to a 16-bit type where it is native, or
 int8 quantisation in ONNX Runtime (see :func:`~skt.extract.check_engine`)."""
-
-
-@functools.cache
-def _cpuinfo(field: str) -> str:
-    """The first ``field`` line of Linux's /proc/cpuinfo; empty elsewhere."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.split(":", 1)[0].strip() == field:
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def _cpu_flags() -> frozenset[str]:
-    """The CPU's instruction-set flags (Linux's /proc/cpuinfo); empty elsewhere."""
-    return frozenset(_cpuinfo("flags").split())
 
 
 def machine_key(threads: int) -> str:
@@ -51,9 +31,8 @@ def machine_key(threads: int) -> str:
         runtime = onnxruntime.__version__
     except ImportError:
         runtime = "none"
-    text = "|".join([_cpuinfo("model name") or platform.processor() or platform.machine(),
-                     " ".join(sorted(_cpu_flags())), str(os.cpu_count()), str(threads),
-                     torch.__version__, runtime, huge_pages()])
+    text = "|".join([cpu_model(), " ".join(sorted(cpu_flags())), str(os.cpu_count()),
+                     str(threads), torch.__version__, runtime, huge_pages()])
     return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 
@@ -62,7 +41,7 @@ def native_bfloat16(device: torch.device) -> bool:
     CPU with AVX512-BF16 or AMX-BF16 instructions (oneDNN's fast bfloat16 kernels)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return device.type == "cpu" and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
